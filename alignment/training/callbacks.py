@@ -1,0 +1,119 @@
+"""Callbacks: the metrics file, validation sample grids, and exporting trained weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+from alignment.sampling.sample import image_grid, sample_images, to_pil
+from alignment.training.lora import save_lora
+
+
+def _step_advanced(trainer, last_step: int) -> bool:
+    return trainer.global_step != last_step
+
+
+class MetricsFile(L.Callback):
+    """``metrics.jsonl`` in the run folder: one line per optimizer step with every ``train/*`` scalar (rank 0,
+    values already averaged over processes). A resumed run drops lines past its checkpoint, so the file always
+    describes one consistent run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._last_step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= trainer.global_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not _step_advanced(trainer, self._last_step):
+            return
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        record = {"step": trainer.global_step}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("train/") and key != "train/global_step":
+                record[key[len("train/"):]] = float(value)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` (and before the first step) sample the validation prompts with fixed seeds and save
+    a grid (rows = prompts, columns = seeds) to ``samples/step_XXXXXX.png``, logging it to W&B when active."""
+
+    def __init__(self, folder: str | Path, prompts: list[str], seeds: list[int], every_n_steps: int = 100,
+                 num_inference_steps: int = 20, guidance_scale: float = 5.0):
+        self.folder = Path(folder)
+        self.prompts = list(prompts)
+        self.seeds = [int(s) for s in seeds]
+        self.every_n_steps = int(every_n_steps)
+        self.num_inference_steps = int(num_inference_steps)
+        self.guidance_scale = float(guidance_scale)
+        self._last_step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+        if trainer.global_step == 0:
+            self._make_grid(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not _step_advanced(trainer, self._last_step):
+            return
+        self._last_step = trainer.global_step
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._make_grid(trainer, pl_module)
+
+    def _make_grid(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not self.prompts or self.every_n_steps <= 0:
+            return
+        prompts = [p for p in self.prompts for _ in self.seeds]
+        seeds = [s for _ in self.prompts for s in self.seeds]
+        was_training = pl_module.training
+        pl_module.eval()
+        images = sample_images(pl_module.backbone, prompts, seeds, self.num_inference_steps, self.guidance_scale)
+        pl_module.train(was_training)
+        grid = image_grid(to_pil(images), columns=len(self.seeds))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        grid.save(self.folder / f"step_{trainer.global_step:06d}.png")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger
+                logger.log_image(key="samples", images=[grid], step=trainer.global_step,
+                                 caption=[" | ".join(self.prompts)])
+
+
+class ExportWeights(L.Callback):
+    """At the end of training write what was trained in loadable, safetensors form: the LoRA adapter as
+    ``lora/pytorch_lora_weights.safetensors`` (stock ``load_lora_weights`` reads it), the full UNet as ``unet/``
+    in diffusers layout, plus anything the objective exports itself."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        export(pl_module, self.run_dir)
+
+
+def export(pl_module, run_dir: Path) -> dict[str, Path]:
+    written = {}
+    unet = pl_module.backbone.unet
+    if pl_module.finetune == "lora":
+        written["lora"] = save_lora(unet, run_dir / "lora")
+    elif pl_module.finetune == "full":
+        unet.save_pretrained(str(run_dir / "unet"), safe_serialization=True)
+        written["unet"] = run_dir / "unet"
+    export_objective = getattr(pl_module.objective, "export", None)
+    if export_objective is not None:
+        written.update(export_objective(run_dir) or {})
+    return written
+
