@@ -22,29 +22,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step in ``run_dir/checkpoints`` (``step=NNNNNN.ckpt``), else ``last.ckpt``.
+
+    Step files are written atomically, so the newest one is complete even if the run was killed before it could
+    refresh ``last.ckpt``.
+    """
+    folder = run_dir / CHECKPOINT_DIR
+    steps = sorted(folder.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
+    if steps:
+        return steps[-1]
+    return folder / LAST if (folder / LAST).exists() else None
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
-    """``resume``: null (fresh run), ``auto`` (this run folder's last checkpoint if any), a run folder, or a .ckpt."""
+    """``resume``: null (fresh run), ``auto`` (this run folder's newest checkpoint if any), a run folder, or a
+    .ckpt file."""
     if resume in (None, "", False):
         return None
     if resume == "auto":
-        last = run_dir / CHECKPOINT_DIR / LAST
-        return str(last) if last.exists() else None
+        newest = newest_checkpoint(run_dir)
+        return str(newest) if newest else None
     path = Path(str(resume)).expanduser()
     if path.is_dir():
-        last = path / CHECKPOINT_DIR / LAST
-        if not last.exists():
-            raise ConfigError(f"resume: run folder {path} has no {CHECKPOINT_DIR}/{LAST}")
-        return str(last)
+        newest = newest_checkpoint(path)
+        if newest is None:
+            raise ConfigError(f"resume: run folder {path} has no checkpoint in {CHECKPOINT_DIR}/")
+        return str(newest)
     if not path.is_file():
         raise ConfigError(f"resume: {path} is neither a run folder nor a checkpoint file")
     return str(path)

@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  make demo   |   make test
+# Each installs what it needs first into .venv: torch (TORCH_SPEC, default the CPU build 2.13.0) BEFORE everything
+# else, then the project with a constraints file pinning that torch, so no dependency can pull another torch.
+# GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	$(PY) -m alignment.backbones.clip_vocab >/dev/null   # CLIP BPE vocabulary for the offline tiny backbone
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m alignment.run experiment=demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf outputs multirun data/generated .pytest_cache

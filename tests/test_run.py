@@ -1,0 +1,147 @@
+"""``python -m alignment.run`` end to end on the tiny backbone, in subprocesses, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.training.lora import LORA_WEIGHT_NAME
+from tests.conftest import FAST_RUN, REPO, run_cli
+
+pytestmark = pytest.mark.slow
+DPO_KEYS = {"loss", "implicit_acc", "reward_margin", "policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l", "lr"}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_default_run_trains_dpo_end_to_end(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    proc = run_cli("alignment.run", "method=dpo", "backbone=tiny", "logger=csv", "trainer.max_steps=4",
+                   "checkpoint.every_n_steps=2", "samples.every_n_steps=2", "samples.num_inference_steps=3",
+                   f"hydra.run.dir={run_dir}")
+    check_ok(proc)
+    assert f"run folder {run_dir}" in proc.stdout
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert DPO_KEYS <= set(metrics[0])
+    assert metrics[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 0
+    assert all(m["lr"] == pytest.approx(1e-5) for m in metrics)
+    assert (run_dir / "config.yaml").read_text().count("beta: 5000") == 2  # method.beta and objective.beta
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.ckpt", "step=000002.ckpt",
+                                                                      "step=000004.ckpt"}
+    lora = load_file(run_dir / "lora" / LORA_WEIGHT_NAME)
+    assert lora and all(".lora." in k for k in lora)
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == [
+        "step_000000.png", "step_000002.png", "step_000004.png"]
+    assert (run_dir / "csv" / "version_0" / "metrics.csv").read_text().count("train/loss") == 1
+    # checkpoints hold only the trained tensors (LoRA), not the frozen backbone
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+
+
+def test_cfg_job_prints_the_composed_config():
+    proc = run_cli("alignment.run", "method=sft", "backbone=sd15", "--cfg", "job")
+    check_ok(proc)
+    assert "_target_: alignment.objectives.sft.SupervisedFineTuning" in proc.stdout
+    assert "pretrained_model_name_or_path: stable-diffusion-v1-5/stable-diffusion-v1-5" in proc.stdout
+    assert "logger:" in proc.stdout and "trainer:" in proc.stdout
+
+
+def test_sweep_runs_two_jobs_in_separate_folders(tmp_path, data_dir):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli("alignment.run", "-m", "method.beta=1000,5000", *FAST_RUN, "trainer.max_steps=2",
+                   f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=beta_${method.beta}")
+    check_ok(proc)
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert jobs == ["beta_1000", "beta_5000"]
+    for job, beta in (("beta_1000", 1000), ("beta_5000", 5000)):
+        assert f"beta: {beta}\n" in (sweep_dir / job / "config.yaml").read_text()
+        assert len(read_metrics(sweep_dir / job)) == 2
+        assert (sweep_dir / job / "lora" / LORA_WEIGHT_NAME).exists()
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, data_dir):
+    common = (*FAST_RUN, "trainer.max_steps=10", "checkpoint.every_n_steps=2", "checkpoint.keep_last=-1",
+              "method.optimizer.lr=1e-3")
+    reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+    check_ok(run_cli("alignment.run", *common, f"hydra.run.dir={reference_dir}"))
+
+    # Start the same run and SIGKILL it as soon as its first checkpoint is on disk.
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "alignment.run", *common, f"hydra.run.dir={resumed_dir}"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = resumed_dir / "checkpoints" / "step=000002.ckpt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the run ended before writing its first checkpoint"
+    assert not (resumed_dir / "lora").exists(), "the run finished before it could be killed"
+
+    proc = run_cli("alignment.run", *common, "resume=auto", f"hydra.run.dir={resumed_dir}")
+    check_ok(proc)
+    expected, got = read_metrics(reference_dir), read_metrics(resumed_dir)
+    assert [m["step"] for m in got] == list(range(1, 11))
+    for a, b in zip(expected, got):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (a, b)
+    ref_lora = load_file(reference_dir / "lora" / LORA_WEIGHT_NAME)
+    new_lora = load_file(resumed_dir / "lora" / LORA_WEIGHT_NAME)
+    assert max((ref_lora[k] - new_lora[k]).abs().max().item() for k in ref_lora) < 1e-6
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, data_dir):
+    common = (*FAST_RUN, "trainer.max_steps=3")
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    check_ok(run_cli("alignment.run", *common, "dataset.batch_size=4", f"hydra.run.dir={single}"))
+    check_ok(run_cli("alignment.run", *common, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                     "dataset.batch_size=2", f"hydra.run.dir={ddp}"))
+    one, two = read_metrics(single), read_metrics(ddp)
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        # the same samples, timesteps and noise: denoising errors agree to float32 rounding ...
+        for key in ("policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l"):
+            assert b[key] == pytest.approx(a[key], rel=2e-6), key
+        # ... and the loss to that rounding amplified by β/2 = 2500
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-3)
+    lora_one = load_file(single / "lora" / LORA_WEIGHT_NAME)
+    lora_two = load_file(ddp / "lora" / LORA_WEIGHT_NAME)
+    # LoRA B ("lora.up") starts at zero, so its size is how far training moved; the two runs agree to 1 % of it
+    # (Adam normalises each gradient element, so float rounding on near-zero gradients is what remains)
+    moved = max(lora_one[k].abs().max().item() for k in lora_one if ".lora.up." in k)
+    differ = max((lora_one[k] - lora_two[k]).abs().max().item() for k in lora_one)
+    assert moved > 1e-6 and differ < 0.01 * moved, (moved, differ)
+
+
+def test_wandb_logger_runs_offline(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    proc = run_cli("alignment.run", "logger=wandb", "trainer.max_steps=2", "samples.every_n_steps=2",
+                   "samples.num_inference_steps=2", f"hydra.run.dir={run_dir}", env={"WANDB_MODE": ""})
+    check_ok(proc)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, data_dir):
+    proc = run_cli("alignment.run", *FAST_RUN, "trainer.max_steps=4", "method.optimizer.lr=1e30",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "loss is nan at step" in error[0] and "method.optimizer.lr" in error[0]
+    assert "Traceback" not in proc.stderr
