@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.errors import ConfigError
+from alignment.errors import AlignmentError, ConfigError
 
 
 def _accepted_keywords(target) -> tuple[set[str], bool]:
@@ -38,7 +38,16 @@ def check_keys(node: DictConfig, key: str) -> object:
 def instantiate_checked(node: DictConfig, key: str, **extra):
     """``hydra.utils.instantiate`` after ``check_keys``; plain containers, not DictConfigs, reach the target."""
     check_keys(node, key)
-    return instantiate(node, _convert_="all", **extra)
+    try:
+        return instantiate(node, _convert_="all", **extra)
+    except InstantiationException as err:
+        # Hydra wraps whatever the target raised; our own errors already name their key, so pass them on as-is.
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, AlignmentError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(f"{key}: {str(err.__cause__ or err).splitlines()[0]}") from err
 
 
 def to_plain(node) -> dict | list | None:
@@ -50,9 +59,3 @@ def require_positive_int(value, key: str) -> int:
         raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     return value
 
-
-def resolve_path(path: str, key: str, must_exist: bool = True) -> Path:
-    resolved = Path(str(path)).expanduser()
-    if must_exist and not resolved.exists():
-        raise ConfigError(f"{key}: {resolved} does not exist")
-    return resolved
