@@ -145,3 +145,20 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, data_dir):
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "loss is nan at step" in error[0] and "method.optimizer.lr" in error[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_full_finetune_and_sft_run_end_to_end(tmp_path, data_dir):
+    full = tmp_path / "full"
+    check_ok(run_cli("alignment.run", *FAST_RUN, "method.finetune=full", "trainer.max_steps=2",
+                     f"hydra.run.dir={full}"))
+    assert (full / "unet" / "diffusion_pytorch_model.safetensors").exists() and not (full / "lora").exists()
+    assert read_metrics(full)[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # frozen copy == policy at start
+    state = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("backbone.unet.") for k in state)
+    assert not any(k.startswith(("backbone.reference_copy.", "backbone.vae.", "backbone.text_encoder.")) for k in state)
+
+    sft = tmp_path / "sft"
+    check_ok(run_cli("alignment.run", *FAST_RUN, "method=sft", "trainer.max_steps=2", f"hydra.run.dir={sft}"))
+    metrics = read_metrics(sft)
+    assert {"loss", "policy_err_w", "lr"} <= set(metrics[0]) and "ref_err_w" not in metrics[0]
+    assert metrics[0]["loss"] == pytest.approx(metrics[0]["policy_err_w"])
