@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test,slurm]"
 	$(PY) -m alignment.backbones.clip_vocab >/dev/null   # CLIP BPE vocabulary for the offline tiny backbone
 	touch $(STAMP)
 

@@ -73,6 +73,10 @@ def test_sweep_runs_two_jobs_in_separate_folders(tmp_path, data_dir):
         assert f"beta: {beta}\n" in (sweep_dir / job / "config.yaml").read_text()
         assert len(read_metrics(sweep_dir / job)) == 2
         assert (sweep_dir / job / "lora" / LORA_WEIGHT_NAME).exists()
+    table = subprocess.run([sys.executable, "experiments/summarize_sweep.py", str(sweep_dir)], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert table[0].split()[:4] == ["job", "steps", "method.beta", "method.optimizer.lr"]
+    assert [line.split()[:3] for line in table[1:]] == [["beta_1000", "2", "1000"], ["beta_5000", "2", "5000"]]
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, data_dir):

@@ -66,3 +66,13 @@ def test_trainer_configs_compose(trainer, tmp_path):
 
         strategy = instantiate(cfg.trainer.strategy)
         assert isinstance(strategy, FSDPStrategy)
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # installed by `make install` (the slurm extra)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", f"output_dir={tmp_path}"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 1 and launcher.timeout_min == 1440
