@@ -30,5 +30,7 @@ class PairDataModule(L.LightningDataModule):
             rank=trainer.global_rank, seed=self.seed,
             # trainer.global_step is already restored from the checkpoint when a resumed run asks for its loader
             start_batch=trainer.global_step * accumulate)
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_pairs,
+        # the latent cache brings its own collate (moments and embeddings instead of pixels and captions)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=getattr(self.dataset, "collate_fn", collate_pairs),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False)
