@@ -1,0 +1,1 @@
+"""Evaluation metrics: win rates, bias, toxicity, image quality and change metrics."""

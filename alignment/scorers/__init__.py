@@ -1,0 +1,1 @@
+"""Reward / preference models behind one interface (see base.py)."""

@@ -1,0 +1,122 @@
+"""The scorer interface shared by labelling (BalancedDPO, HG-DPO), rewards (DRaFT, Focus-N-Fix) and evaluation.
+
+A scorer maps a batch of images — a float tensor (B, 3, H, W) in [0, 1] — and their prompts to one score per image
+(B,). It does its own preprocessing with torch ops (so gradients can flow to the pixels), is loaded once, frozen,
+and moved with ``.to(device, dtype)`` like any module. ``differentiable`` says whether ``forward`` may be used as a
+reward with gradient; ``score`` is the batched, no-gradient call used for labels and metrics.
+
+Configs (``conf/scorers/*.yaml``) each hold one or more named entries with a ``_target_``; Hydra merges a list of
+them into one mapping, so an ensemble is ``scorers=[pickscore,hpsv2,clip,aesthetic]`` and
+``build_scorers(cfg.scorers)`` returns ``{"pickscore": PickScore(...), ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignment.errors import ConfigError
+
+# OpenAI CLIP's preprocessing constants (used by PickScore, HPS, CLIP score, aesthetic, the attribute classifier).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """A (B,3,H,W) float tensor in [0,1], or a list of PIL images (converted to RGB, same size), -> tensor."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        return images
+    import numpy as np
+
+    arrays = [np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0 for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
+                    pad_to_square: bool = False) -> torch.Tensor:
+    """CLIP's image transform in differentiable torch ops: (optionally pad to square with white, as HPS does),
+    resize the shorter side to ``size`` (bicubic, antialiased), centre-crop ``size``², normalise."""
+    x = images.float()
+    if pad_to_square:
+        h, w = x.shape[-2:]
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        x = F.pad(x, (left, side - w - left, top, side - h - top), value=1.0)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def pooled(output) -> torch.Tensor:
+    """transformers 5 returns an output object from get_image_features/get_text_features; older ones a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class Scorer(nn.Module):
+    """Base class: subclasses implement ``forward(images_0_1, prompts) -> (B,)`` and set ``differentiable``."""
+
+    name: str = "scorer"
+    differentiable: bool = True
+
+    def __init__(self):
+        super().__init__()
+
+    def freeze(self) -> "Scorer":
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        param = next(self.parameters(), None)
+        return param.dtype if param is not None else torch.float32
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, images, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Batched scores without gradient; accepts a tensor in [0,1] or a list of PIL images. Returns (B,) float32
+        on the CPU."""
+        images = images_to_tensor(images)
+        prompts = list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = images[start:start + batch_size].to(self.device, self.dtype)
+            out.append(self(chunk, prompts[start:start + batch_size]).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def build_scorers(node) -> dict[str, Scorer]:
+    """Instantiate every entry of the ``scorers`` config mapping (name -> node with _target_), frozen."""
+    from alignment.config import instantiate_checked
+
+    scorers = {}
+    for name in (node or {}):
+        entry = node[name]
+        if entry is None or "_target_" not in entry:
+            raise ConfigError(f"scorers.{name}: needs a _target_ (see conf/scorers/)")
+        scorer = instantiate_checked(entry, f"scorers.{name}")
+        if not isinstance(scorer, Scorer):
+            raise ConfigError(f"scorers.{name}: {entry._target_} does not build an alignment Scorer")
+        scorer.name = name
+        scorers[name] = scorer.freeze()
+    return scorers
