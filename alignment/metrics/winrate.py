@@ -1,0 +1,157 @@
+"""Win rates between two models with a bootstrap interval over prompts (SPEC §6).
+
+Protocol (SPEC §6): each model generates ``k`` images per prompt with the same seeds (k = 5 in BalancedDPO,
+k = 1 in HG-DPO); a scorer gives one score per image, so each model has a ``(P, k)`` score matrix per scorer.
+Per prompt, model A's best score is compared with model B's best score: a win counts 1, a tie ½ **[choice]**,
+a loss 0. The win rate of A over B is the mean over prompts, reported with a percentile bootstrap interval
+(prompts resampled with replacement; deterministic for a given seed).
+
+Example::
+
+    wr = win_rate(scores_a, scores_b)          # (P, k) each
+    print(f"{100 * wr.rate:.1f} [{100 * wr.low:.1f}, {100 * wr.high:.1f}]")
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import torch
+
+__all__ = ["WinRate", "best_of_k", "prompt_outcomes", "win_rate", "win_rate_table"]
+
+_BOOTSTRAP_CHUNK = 256  # bootstrap replicates drawn at a time ...
+_BOOTSTRAP_ELEMENTS = 1 << 22  # ... and at most this many resampled indices at once (memory for large prompt sets)
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """Win rate of model A over model B (SPEC §6): ``rate`` in [0, 1] and its bootstrap interval [low, high].
+
+    ``wins + ties + losses == num_prompts``; ``rate == (wins + ties / 2) / num_prompts``. ``low``/``high`` are
+    NaN when no bootstrap was asked for (``num_bootstrap=0``).
+    """
+
+    rate: float
+    low: float
+    high: float
+    wins: int
+    ties: int
+    losses: int
+    num_prompts: int
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict (for logging / CSV rows)."""
+        return asdict(self)
+
+
+def _as_scores(scores, name: str) -> torch.Tensor:
+    """``scores`` as a float64 (P, k) tensor; a 1-D (P,) input is one image per prompt (k = 1, HG-DPO)."""
+    t = torch.as_tensor(scores).detach().to("cpu", torch.float64)
+    if t.ndim == 1:
+        t = t[:, None]
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty (num_prompts, k) score matrix, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} holds non-finite scores (NaN or inf)")
+    return t
+
+
+def best_of_k(scores) -> torch.Tensor:
+    """Best score per prompt (SPEC §6): ``(P, k) -> (P,)``, the max over the k images of each prompt.
+
+    A 1-D ``(P,)`` input is read as k = 1 and returned unchanged (as float64).
+    """
+    return _as_scores(scores, "scores").max(dim=1).values
+
+
+def prompt_outcomes(scores_a, scores_b) -> torch.Tensor:
+    """Per-prompt outcome of A vs B (SPEC §6): 1 where A's best > B's best, 0.5 on a tie, 0 otherwise. ``(P,)``.
+
+    Both matrices must have the same shape (paired protocol: same prompts, same seeds, same k).
+    """
+    a = _as_scores(scores_a, "scores_a")
+    b = _as_scores(scores_b, "scores_b")
+    if a.shape != b.shape:
+        raise ValueError(f"scores_a and scores_b must have the same (num_prompts, k) shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    best_a, best_b = a.max(dim=1).values, b.max(dim=1).values
+    return (best_a > best_b).double() + 0.5 * (best_a == best_b).double()
+
+
+def _bootstrap_interval(outcomes: torch.Tensor, num_bootstrap: int, seed: int,
+                        confidence: float) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``outcomes.mean()``: resample prompts with replacement."""
+    n = outcomes.numel()
+    gen = torch.Generator().manual_seed(int(seed))
+    chunk = max(1, min(_BOOTSTRAP_CHUNK, _BOOTSTRAP_ELEMENTS // n))
+    means = []
+    for start in range(0, num_bootstrap, chunk):
+        rows = min(chunk, num_bootstrap - start)
+        idx = torch.randint(0, n, (rows, n), generator=gen)
+        means.append(outcomes[idx].mean(dim=1))
+    means = torch.cat(means)
+    alpha = (1.0 - confidence) / 2.0
+    q = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
+             confidence: float = 0.95) -> WinRate:
+    """Win rate of model A over model B with a percentile bootstrap interval over prompts (SPEC §6).
+
+    Args:
+        scores_a, scores_b: ``(P, k)`` scores of the two models' images (same prompts and seeds, row i = prompt i);
+            a 1-D ``(P,)`` tensor means k = 1.
+        num_bootstrap: bootstrap replicates (0: no interval, ``low``/``high`` are NaN).
+        seed: seed of the resampling generator (same inputs and seed -> same interval).
+        confidence: interval mass, in (0, 1).
+
+    Raises:
+        ValueError: shapes differ (the message names both), empty or non-finite scores, bad arguments.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if num_bootstrap < 0:
+        raise ValueError(f"num_bootstrap must be >= 0, got {num_bootstrap}")
+    outcomes = prompt_outcomes(scores_a, scores_b)
+    wins = int((outcomes == 1.0).sum())
+    ties = int((outcomes == 0.5).sum())
+    n = outcomes.numel()
+    rate = float(outcomes.mean())
+    if num_bootstrap > 0:
+        low, high = _bootstrap_interval(outcomes, num_bootstrap, seed, confidence)
+    else:
+        low = high = float("nan")
+    return WinRate(rate=rate, low=low, high=high, wins=wins, ties=ties, losses=n - wins - ties, num_prompts=n)
+
+
+def win_rate_table(scores: Mapping[str, Mapping[str, object]], num_bootstrap: int = 2000, seed: int = 0,
+                   confidence: float = 0.95) -> list[dict]:
+    """Win rates of every ordered model pair on every scorer, like the papers' Tables 1–3 (SPEC §6).
+
+    Args:
+        scores: ``{model: {scorer: (P, k) scores}}``; all models must be scored on the same prompts and seeds.
+
+    Returns:
+        One dict per (model_a, model_b, scorer) with ``model_a != model_b``, in the order of ``scores`` and of
+        each model's scorers: keys ``model_a, model_b, scorer`` plus the :class:`WinRate` fields. A scorer is
+        compared only between models that both have it; every pair uses the same bootstrap ``seed``.
+    """
+    rows: list[dict] = []
+    models = list(scores)
+    for model_a in models:
+        for model_b in models:
+            if model_a == model_b:
+                continue
+            for scorer, sa in scores[model_a].items():
+                if scorer not in scores[model_b]:
+                    continue
+                try:
+                    wr = win_rate(sa, scores[model_b][scorer], num_bootstrap=num_bootstrap, seed=seed,
+                                  confidence=confidence)
+                except ValueError as err:
+                    raise ValueError(f"{model_a} vs {model_b} on {scorer}: {err}") from None
+                rows.append({"model_a": model_a, "model_b": model_b, "scorer": scorer, **wr.as_dict()})
+    return rows
