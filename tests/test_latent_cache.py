@@ -159,7 +159,8 @@ def test_items_are_pure_and_dropped_captions_use_empty_prompt(tmp_path, backbone
     seen_drop = seen_keep = False
     for key in [(i, e) for i in range(ROWS) for e in (0, 5)]:
         item = cached[key]
-        assert set(item) == {"moments_w", "moments_l", "cond.encoder_hidden_states", "caption", "index"}
+        assert set(item) == {"moments_w", "moments_l", "cond.encoder_hidden_states", "caption", "index",
+                             "original_size", "crop_top_left"}
         assert item["moments_w"].shape == (8, RES // 2, RES // 2) and item["moments_w"].dtype == torch.float32
         torch.testing.assert_close(cached[key]["moments_l"], item["moments_l"], atol=0, rtol=0)  # pure
         drop, _ = _decisions(3, key[0], key[1], 0.5)
@@ -338,3 +339,40 @@ def test_needs_center_crop(tmp_path, backbone, pairs_file, hf_cache):
         cached_pairs(_pairs(pairs_file, hf_cache, center_crop=False), backbone, _cfg(tmp_path))
     assert str(err.value) == message
     assert not (tmp_path / "latents").exists()
+
+
+def test_cached_geometry_matches_the_raw_items_for_non_square_images(tmp_path):
+    """SDXL's original_size / crop_top_left must survive caching, including the mirrored crop of a flip."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from alignment.backbones.tiny import build_tiny_backbone
+    from alignment.data.cache import cached_pairs
+    from alignment.data.pickapic import PreferencePairs
+
+    def jpeg(w, h, seed):
+        rng = torch.Generator().manual_seed(seed)
+        pixels = (torch.rand(h, w, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    sizes = [(80, 40), (40, 72), (50, 50), (96, 40)]
+    table = pa.table({"jpg_0": [jpeg(w, h, i) for i, (w, h) in enumerate(sizes)],
+                      "jpg_1": [jpeg(w, h, 10 + i) for i, (w, h) in enumerate(sizes)],
+                      "label_0": [1.0, 0.0, 1.0, 0.0], "caption": ["a", "b", "c", "d"]})
+    pq.write_table(table, tmp_path / "wide.parquet")
+    raw = PreferencePairs(tmp_path / "wide.parquet", resolution=32, center_crop=True, random_flip=True, seed=3)
+    cfg = {"center_crop": True, "cache_dir": str(tmp_path / "cache"), "random_flip": True}
+    cached = cached_pairs(raw, build_tiny_backbone(), cfg)
+    flips = set()
+    for index in range(len(raw)):
+        for epoch in range(4):
+            a, b = raw[(index, epoch)], cached[(index, epoch)]
+            assert a["original_size"].tolist() == b["original_size"].tolist()
+            assert a["crop_top_left"].tolist() == b["crop_top_left"].tolist(), (index, epoch)
+            flips.add(tuple(a["crop_top_left"].tolist()))
+    assert len(flips) > len(sizes)  # some crops were mirrored

@@ -74,49 +74,75 @@ class StableDiffusionBackbone(nn.Module):
                               f"factor {self.vae_scale_factor}")
 
     # ----------------------------------------------------------------------------------------------- loading
+    @staticmethod
+    def resolve_source(path: str, subfolders: tuple[str, ...]) -> str:
+        """A local folder must exist and hold the diffusers subfolders; anything else is treated as a hub id."""
+        looks_local = path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
+        if not looks_local:
+            return path
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"backbone.pretrained_model_name_or_path: folder {folder} does not exist")
+        missing = [sub for sub in subfolders if not (folder / sub).is_dir()]
+        if missing:
+            raise ConfigError(f"backbone.pretrained_model_name_or_path: {folder} lacks the diffusers "
+                              f"subfolder(s) {', '.join(missing)}")
+        return str(folder)
+
+    @staticmethod
+    def load_components(path: str, text_towers: dict[str, type], revision: str | None, variant: str | None,
+                        dtype: str, prediction_type: str | None, local_files_only: bool | None,
+                        vae_model_name_or_path: str | None = None) -> dict:
+        """Load tokenizer(s), text encoder(s), VAE, UNet and both schedulers; one-line errors on failure."""
+        from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTokenizer
+
+        common = dict(revision=revision)
+        if local_files_only is not None:
+            common["local_files_only"] = local_files_only
+        weight_dtype = parse_dtype(dtype)  # load straight into the compute dtype (no fp32 copy in memory)
+        scheduler_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
+        key, source = "backbone.pretrained_model_name_or_path", path
+        try:
+            parts = {}
+            for subfolder, model_class in text_towers.items():
+                tokenizer_folder = subfolder.replace("text_encoder", "tokenizer")
+                parts[tokenizer_folder] = CLIPTokenizer.from_pretrained(path, subfolder=tokenizer_folder, **common)
+                parts[subfolder] = model_class.from_pretrained(path, subfolder=subfolder, variant=variant,
+                                                               dtype=weight_dtype, **common)
+            if vae_model_name_or_path:  # e.g. the fp16-fix SDXL VAE, a standalone diffusers model folder
+                key, source = "backbone.vae_model_name_or_path", vae_model_name_or_path
+                parts["vae"] = AutoencoderKL.from_pretrained(vae_model_name_or_path, torch_dtype=weight_dtype,
+                                                             **common)
+                key, source = "backbone.pretrained_model_name_or_path", path
+            else:
+                parts["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant,
+                                                             torch_dtype=weight_dtype, **common)
+            parts["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant,
+                                                                 torch_dtype=weight_dtype, **common)
+            parts["noise_scheduler"] = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common,
+                                                                     **scheduler_kwargs)
+            parts["sample_scheduler"] = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **common,
+                                                                      **scheduler_kwargs)
+        except (OSError, ValueError) as err:  # hub unreachable, unknown id, missing weight file
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{key}: cannot load {source!r}: {first_line}") from err
+        return parts
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, revision: str | None = None,
                         variant: str | None = None, dtype: str = "float32", resolution: int = 512,
                         name: str = "sd15", prediction_type: str | None = None,
                         local_files_only: bool | None = None) -> "StableDiffusionBackbone":
-        """Load the five components from a hub id or a local folder in the standard diffusers layout."""
-        from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        """SD 1.x / 2.x from a hub id or a local folder in the standard diffusers layout."""
+        from transformers import CLIPTextModel
 
-        path = str(pretrained_model_name_or_path)
-        looks_local = path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
-        if looks_local:
-            folder = Path(path).expanduser()
-            if not folder.is_dir():
-                raise ConfigError(f"backbone.pretrained_model_name_or_path: folder {folder} does not exist")
-            missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-                       if not (folder / sub).is_dir()]
-            if missing:
-                raise ConfigError(f"backbone.pretrained_model_name_or_path: {folder} lacks the diffusers "
-                                  f"subfolder(s) {', '.join(missing)}")
-            path = str(folder)
-        common = dict(revision=revision)
-        if local_files_only is not None:
-            common["local_files_only"] = local_files_only
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
-            weight_dtype = parse_dtype(dtype)  # load straight into the compute dtype (no fp32 copy in memory)
-            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant,
-                                                         dtype=weight_dtype, **common)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, torch_dtype=weight_dtype,
-                                                **common)
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant,
-                                                        torch_dtype=weight_dtype, **common)
-            scheduler_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
-            noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common,
-                                                            **scheduler_kwargs)
-            sample_scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **common,
-                                                             **scheduler_kwargs)
-        except (OSError, ValueError) as err:  # hub unreachable, unknown id, missing weight file
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"backbone.pretrained_model_name_or_path: cannot load {path!r}: {first_line}") from err
-        return cls(tokenizer, text_encoder, vae, unet, noise_scheduler, sample_scheduler, resolution=resolution,
-                   name=name, source=path, dtype=dtype)
+        path = cls.resolve_source(str(pretrained_model_name_or_path),
+                                  ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+        parts = cls.load_components(path, {"text_encoder": CLIPTextModel}, revision, variant, dtype,
+                                    prediction_type, local_files_only)
+        return cls(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], parts["noise_scheduler"],
+                   parts["sample_scheduler"], resolution=resolution, name=name, source=path, dtype=dtype)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the backbone as a standard diffusers ``StableDiffusionPipeline`` folder (safetensors)."""
@@ -158,6 +184,14 @@ class StableDiffusionBackbone(nn.Module):
                                 truncation=True, return_tensors="pt")
         hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
         return {"encoder_hidden_states": hidden}
+
+    def negative_conditioning(self, batch_size: int, negative_prompt: str = "") -> dict[str, torch.Tensor]:
+        """The unconditional branch of classifier-free guidance: the (empty) negative prompt's embedding."""
+        return self.encode_prompt([negative_prompt] * batch_size)
+
+    def image_conditioning(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Conditioning that depends on the training image rather than the caption (none for SD 1.x/2.x)."""
+        return {}
 
     @torch.no_grad()
     def encode_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

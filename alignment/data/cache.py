@@ -61,10 +61,11 @@ from alignment.data.images import PairTransform
 from alignment.data.pickapic import collate_pairs, sample_seed
 from alignment.errors import ConfigError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
 INDEX_NAME = "index.safetensors"
+GEOMETRY_NAME = "geometry.safetensors"  # original_size, crop_top_left(_flip) per row: SDXL micro-conditioning
 DEFAULT_BATCH_SIZE = 16
 MOMENT_SHARD_ROWS = 512     # dataset items per moments shard (SD 1.5 at 512 px, with flips: 256 MB in float32)
 PROMPT_SHARD_ROWS = 1024    # unique captions per prompt shard (SD 1.5: 236 MB in float32)
@@ -331,7 +332,16 @@ def _build(folder: Path, key: str, fields: dict, dataset, backbone, data_cfg, ba
         layout["channels_last"] = mean.dim() == 4 and mean.shape[1] > 1 and mean.stride(1) == 1
         return torch.cat([mean, std], dim=1).detach().to("cpu", store_dtype)
 
+    geometry: dict[str, list[torch.Tensor]] = {"original_size": [], "crop_top_left": [], "crop_top_left_flip": []}
+    resolution = dataset.transform.resolution
     for batch in loader:
+        # SDXL micro-conditioning per row; a flip mirrors the crop's left edge in the resized image.
+        sizes, crops = batch["original_size"], batch["crop_top_left"]
+        resized_w = torch.tensor([max(resolution, round(w * resolution / min(h, w))) if w > h else resolution
+                                  for h, w in sizes.tolist()])
+        geometry["original_size"].append(sizes)
+        geometry["crop_top_left"].append(crops)
+        geometry["crop_top_left_flip"].append(torch.stack([crops[:, 0], resized_w - crops[:, 1] - resolution], 1))
         pixels = {"moments_w": batch["pixel_values_w"], "moments_l": batch["pixel_values_l"]}
         if random_flip:
             pixels["moments_w_flip"] = batch["pixel_values_w"].flip(-1)
@@ -352,6 +362,8 @@ def _build(folder: Path, key: str, fields: dict, dataset, backbone, data_cfg, ba
             elapsed = last_print - start_time
             _log(f"encoded {done}/{n_items} pairs ({elapsed:.0f}s, ~{elapsed * (n_items - done) / done:.0f}s left)")
 
+    _atomic_save({name: torch.cat(values) for name, values in geometry.items()}, folder / GEOMETRY_NAME)
+    files.append(GEOMETRY_NAME)
     manifest = {
         "format": CACHE_FORMAT, "key": key, "fields": fields, "num_items": n_items, "random_flip": random_flip,
         "store_dtype": str(store_dtype).replace("torch.", ""), "moment_shape": moment_shape,
@@ -481,6 +493,7 @@ class CachedPairs(Dataset):
         if len(self._captions) != self.manifest["num_items"]:
             raise ValueError(f"{self.folder}: {len(self._captions)} captions for {self.manifest['num_items']} items")
         self._caption_ids = load_file(str(self.folder / INDEX_NAME))["caption_id"]
+        self._geometry = load_file(str(self.folder / GEOMETRY_NAME))
         self._cond_names = sorted(self.manifest["cond"])
         self._handles: OrderedDict[str, Any] = OrderedDict()
         self.collate_fn = CollateCached(self.manifest.get("channels_last", False))
@@ -544,6 +557,8 @@ class CachedPairs(Dataset):
         shard, row = divmod(caption_id, m["prompt_shard_rows"])
         for name in self._cond_names:
             item[f"cond.{name}"] = self._row(m["prompt_shards"][shard], f"cond.{name}", row)
+        item["original_size"] = self._geometry["original_size"][index]
+        item["crop_top_left"] = self._geometry["crop_top_left" + suffix][index]
         item["caption"] = "" if drop_caption else self._captions[index]
         item["index"] = index
         return item

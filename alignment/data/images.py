@@ -121,7 +121,14 @@ class PairTransform:
     def __call__(
         self, image_w: Image.Image, image_l: Image.Image, rng: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transforms a pair.
+        """Transforms a pair (see :meth:`with_geometry`, which also reports the crop)."""
+        pixels_w, pixels_l, _ = self.with_geometry(image_w, image_l, rng)
+        return pixels_w, pixels_l
+
+    def with_geometry(
+        self, image_w: Image.Image, image_l: Image.Image, rng: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Transforms a pair and reports SDXL's micro-conditioning geometry of the preferred image.
 
         Args:
             image_w: The preferred image.
@@ -130,19 +137,26 @@ class PairTransform:
                 the settings, so that other draws that follow stay the same.
 
         Returns:
-            ``(pixel_values_w, pixel_values_l)``, float32 tensors of shape ``(3, resolution, resolution)`` in
-            ``[-1, 1]``.
+            ``(pixel_values_w, pixel_values_l, geometry)``: float32 tensors of shape ``(3, resolution, resolution)``
+            in ``[-1, 1]``, and ``geometry`` with ``original_size`` ``(h, w)`` of the preferred image before
+            resizing and ``crop_top_left`` ``(top, left)`` of the crop in the resized image — mirrored
+            (``left = width − left − resolution``) when the pair is flipped, so it describes the visible crop.
         """
         u_top, u_left, u_flip = torch.rand(3, generator=rng).tolist()
         flip = self.random_flip and u_flip < 0.5
 
-        outputs = []
+        outputs, geometry = [], {}
         for image in (image_w, image_l):
             if image.mode != "RGB":
                 image = image.convert("RGB")
+            original_size = (image.height, image.width)
             image = resize_shorter_side(image, self.resolution)
-            image = image.crop(self._crop_box(image.size, u_top, u_left))
+            left, top, _, _ = box = self._crop_box(image.size, u_top, u_left)
+            if not geometry:  # the preferred image's geometry conditions both (they share the crop)
+                left = image.width - left - self.resolution if flip else left
+                geometry = {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor([top, left])}
+            image = image.crop(box)
             if flip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             outputs.append(to_tensor(image))
-        return outputs[0], outputs[1]
+        return outputs[0], outputs[1], geometry

@@ -299,13 +299,14 @@ class PreferencePairs(Dataset):
 
         rng = torch.Generator().manual_seed(sample_seed(self.seed, index, epoch))
         drop_caption = torch.rand(1, generator=rng).item() < self.proportion_empty_prompts
-        pixel_values_w, pixel_values_l = self.transform(image_w, image_l, rng)
+        pixel_values_w, pixel_values_l, geometry = self.transform.with_geometry(image_w, image_l, rng)
 
         return {
             "pixel_values_w": pixel_values_w,
             "pixel_values_l": pixel_values_l,
             "caption": "" if drop_caption else self._captions[index],
             "index": index,
+            **geometry,  # original_size, crop_top_left: SDXL's micro-conditioning
         }
 
     def __repr__(self) -> str:
@@ -319,14 +320,19 @@ def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Collates :class:`PreferencePairs` items into a batch.
 
     Returns:
-        A dict with ``pixel_values_w`` and ``pixel_values_l`` (float32 ``(N, 3, R, R)``), ``caption`` (list of N
-        str) and ``index`` (list of N int dataset indices).
+        A dict with ``pixel_values_w`` and ``pixel_values_l`` (float32 ``(N, 3, R, R)``), ``original_size`` and
+        ``crop_top_left`` (int64 ``(N, 2)``, when the items carry them), ``caption`` (list of N str) and ``index``
+        (list of N int dataset indices).
     """
     if not items:
         raise ValueError("collate_pairs needs at least one item")
-    return {
+    batch = {
         "pixel_values_w": torch.stack([item["pixel_values_w"] for item in items]),
         "pixel_values_l": torch.stack([item["pixel_values_l"] for item in items]),
         "caption": [item["caption"] for item in items],
         "index": [int(item["index"]) for item in items],
     }
+    for key in ("original_size", "crop_top_left"):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch

@@ -30,7 +30,7 @@ def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_
     cond = backbone.encode_prompt(list(prompts))
     use_cfg = guidance_scale != 1.0
     if use_cfg:
-        uncond = backbone.encode_prompt([negative_prompt] * len(prompts))
+        uncond = backbone.negative_conditioning(len(prompts), negative_prompt)
         cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
     latents = initial_latents(seeds, backbone.latent_shape).to(device, dtype) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:

@@ -79,6 +79,7 @@ class AlignmentModule(L.LightningModule):
             latents_w = self._latents(batch["pixel_values_w"], index, VAE_NOISE_STREAM_W)
             latents_l = self._latents(batch["pixel_values_l"], index, VAE_NOISE_STREAM_L)
             cond = self.backbone.encode_prompt(batch["caption"])
+        cond.update(self.backbone.image_conditioning(batch))  # e.g. SDXL's per-sample time_ids
         return PairBatch(latents_w=latents_w, latents_l=latents_l, cond=cond, index=index,
                          step=int(self.global_step), captions=list(batch.get("caption", [])))
 

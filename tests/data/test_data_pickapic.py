@@ -76,11 +76,33 @@ def test_winner_and_loser_follow_label_0(tie_file, cache_dir):
 
 def test_item_format(tie_file, cache_dir):
     item = _pairs(tie_file, cache_dir)[(3, 1)]
-    assert set(item) == {"pixel_values_w", "pixel_values_l", "caption", "index"}
+    assert set(item) == {"pixel_values_w", "pixel_values_l", "caption", "index", "original_size", "crop_top_left"}
+    assert item["original_size"].tolist() == [32, 32]  # this fixture writes 32 px squares
     for key in ("pixel_values_w", "pixel_values_l"):
         assert item[key].shape == (3, SIZE, SIZE) and item[key].dtype == torch.float32
         assert -1.0 <= item[key].min() and item[key].max() <= 1.0
     assert isinstance(item["caption"], str) and item["index"] == 3
+
+
+def test_geometry_reports_the_crop_and_mirrors_it_when_flipped():
+    from PIL import Image
+
+    from alignment.data.images import PairTransform
+
+    wide = Image.new("RGB", (200, 100))  # resized to 64x128: the crop's left edge is drawn from [0, 64]
+    transform = PairTransform(64, center_crop=False, random_flip=True)
+    seen_flip = seen_plain = False
+    for seed in range(20):
+        rng = torch.Generator().manual_seed(seed)
+        u_top, u_left, u_flip = torch.rand(3, generator=torch.Generator().manual_seed(seed)).tolist()
+        _, _, geometry = transform.with_geometry(wide, wide, rng)
+        left = min(int(u_left * 65), 64)
+        assert geometry["original_size"].tolist() == [100, 200]
+        expected = 128 - left - 64 if u_flip < 0.5 else left
+        assert geometry["crop_top_left"].tolist() == [0, expected]
+        seen_flip |= u_flip < 0.5
+        seen_plain |= u_flip >= 0.5
+    assert seen_flip and seen_plain
 
 
 def test_ties_drop_and_keep_first(tie_file, cache_dir):
