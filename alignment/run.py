@@ -117,6 +117,9 @@ def train(cfg: DictConfig) -> dict:
     module = AlignmentModule(backbone, objective, finetune=cfg.method.finetune, lora=to_plain(cfg.method.get("lora")),
                              optimizer=to_plain(cfg.method.optimizer), lr_scheduler=to_plain(cfg.method.lr_scheduler),
                              seed=cfg.seed, gradient_checkpointing=cfg.method.get("gradient_checkpointing", False))
+    from alignment.training.speed import apply_speed
+
+    apply_speed(backbone, to_plain(cfg.speed), cfg.trainer.get("accelerator"))
     if cfg.dataset.get("cache"):
         from alignment.data.cache import cached_pairs
 

@@ -14,6 +14,7 @@ import torch
 from alignment.errors import ConfigError, TrainingError
 from alignment.objectives.base import Objective, PairBatch, sample_seed
 from alignment.training.lora import add_lora
+from alignment.training.speed import make_optimizer
 
 FINETUNE_MODES = ("lora", "full", "none")
 # VAE posterior noise has its own streams so it never coincides with the diffusion noise (stream 0/1).
@@ -116,10 +117,8 @@ class AlignmentModule(L.LightningModule):
         if cfg["scale_lr"]:  # Diffusion-DPO's --scale_lr: lr × total batch (world × micro-batch × accumulation)
             micro_batch = self.trainer.datamodule.batch_size
             lr *= self.trainer.world_size * micro_batch * self.trainer.accumulate_grad_batches
-        if cfg["name"] != "adamw":
-            raise ConfigError(f"method.optimizer.name: {cfg['name']!r} is not supported (adamw)")
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=lr, betas=tuple(cfg["betas"]),
-                                      weight_decay=float(cfg["weight_decay"]), eps=float(cfg["eps"]))
+        optimizer = make_optimizer(cfg["name"], self.trainable_parameters(), lr=lr, betas=tuple(cfg["betas"]),
+                                   weight_decay=float(cfg["weight_decay"]), eps=float(cfg["eps"]))
         sched = {"name": "constant_with_warmup", "warmup_steps": 0, **self.lr_scheduler_cfg}
         try:
             scheduler = get_scheduler(sched["name"], optimizer, num_warmup_steps=int(sched["warmup_steps"]),
