@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 DPO_KEYS = {"loss", "implicit_acc", "reward_margin", "policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l", "lr"}
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir: Path, with_time: bool = False) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records if with_time else [{k: v for k, v in r.items() if k != "time"} for r in records]
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:
@@ -40,6 +41,8 @@ def test_default_run_trains_dpo_end_to_end(tmp_path, data_dir):
     assert DPO_KEYS <= set(metrics[0])
     assert metrics[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 0
     assert all(m["lr"] == pytest.approx(1e-5) for m in metrics)
+    times = [m["time"] for m in read_metrics(run_dir, with_time=True)]
+    assert times == sorted(times) and times[-1] - times[0] < 600
     assert (run_dir / "config.yaml").read_text().count("beta: 5000") == 2  # method.beta and objective.beta
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.ckpt", "step=000002.ckpt",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +17,8 @@ def _step_advanced(trainer, last_step: int) -> bool:
 
 
 class MetricsFile(L.Callback):
-    """``metrics.jsonl`` in the run folder: one line per optimizer step with every ``train/*`` scalar (rank 0,
+    """``metrics.jsonl`` in the run folder: one line per optimizer step with every ``train/*`` scalar and the wall
+    clock ``time`` (rank 0,
     values already averaged over processes). A resumed run drops lines past its checkpoint, so the file always
     describes one consistent run."""
 
@@ -38,7 +40,7 @@ class MetricsFile(L.Callback):
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return
-        record = {"step": trainer.global_step}
+        record = {"step": trainer.global_step, "time": round(time.time(), 4)}  # wall clock: throughput
         for key, value in trainer.callback_metrics.items():
             if key.startswith("train/") and key != "train/global_step":
                 record[key[len("train/"):]] = float(value)
