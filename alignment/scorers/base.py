@@ -38,15 +38,16 @@ def images_to_tensor(images) -> torch.Tensor:
 
 
 def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
-                    pad_to_square: bool = False) -> torch.Tensor:
-    """CLIP's image transform in differentiable torch ops: (optionally pad to square with white, as HPS does),
-    resize the shorter side to ``size`` (bicubic, antialiased), centre-crop ``size``², normalise."""
+                    pad_to_square: bool = False, pad_value: float = 0.0) -> torch.Tensor:
+    """CLIP's image transform in differentiable torch ops: (optionally pad to a square with ``pad_value`` first),
+    resize the shorter side to ``size`` (bicubic, antialiased), centre-crop ``size``², normalise. (HPS has its own
+    resize-longer-side-then-pad-black transform in clip_scorers.HPSv2.)"""
     x = images.float()
     if pad_to_square:
         h, w = x.shape[-2:]
         side = max(h, w)
         top, left = (side - h) // 2, (side - w) // 2
-        x = F.pad(x, (left, side - w - left, top, side - h - top), value=1.0)
+        x = F.pad(x, (left, side - w - left, top, side - h - top), value=pad_value)
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
@@ -107,14 +108,20 @@ class Scorer(nn.Module):
 
 def build_scorers(node) -> dict[str, Scorer]:
     """Instantiate every entry of the ``scorers`` config mapping (name -> node with _target_), frozen."""
-    from alignment.config import instantiate_checked
+    import inspect
+
+    from alignment.config import check_keys, instantiate_checked
 
     scorers = {}
     for name in (node or {}):
         entry = node[name]
         if entry is None or "_target_" not in entry:
             raise ConfigError(f"scorers.{name}: needs a _target_ (see conf/scorers/)")
-        scorer = instantiate_checked(entry, f"scorers.{name}")
+        extra = {}
+        target = check_keys(entry, f"scorers.{name}")
+        if "key" in inspect.signature(target).parameters and "key" not in entry:
+            extra["key"] = f"scorers.{name}"  # so load errors name this entry even when it was renamed
+        scorer = instantiate_checked(entry, f"scorers.{name}", **extra)
         if not isinstance(scorer, Scorer):
             raise ConfigError(f"scorers.{name}: {entry._target_} does not build an alignment Scorer")
         scorer.name = name
