@@ -38,7 +38,7 @@ def images_to_tensor(images) -> torch.Tensor:
 
 
 def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
-                    pad_to_square: bool = False, pad_value: float = 0.0) -> torch.Tensor:
+                    pad_to_square: bool = False, pad_value: float = 1.0) -> torch.Tensor:
     """CLIP's image transform in differentiable torch ops: (optionally pad to a square with ``pad_value`` first),
     resize the shorter side to ``size`` (bicubic, antialiased), centre-crop ``size``², normalise. (HPS has its own
     resize-longer-side-then-pad-black transform in clip_scorers.HPSv2.)"""
@@ -110,6 +110,8 @@ def build_scorers(node) -> dict[str, Scorer]:
     """Instantiate every entry of the ``scorers`` config mapping (name -> node with _target_), frozen."""
     import inspect
 
+    from omegaconf import OmegaConf
+
     from alignment.config import check_keys, instantiate_checked
 
     scorers = {}
@@ -117,11 +119,11 @@ def build_scorers(node) -> dict[str, Scorer]:
         entry = node[name]
         if entry is None or "_target_" not in entry:
             raise ConfigError(f"scorers.{name}: needs a _target_ (see conf/scorers/)")
-        extra = {}
         target = check_keys(entry, f"scorers.{name}")
         if "key" in inspect.signature(target).parameters and "key" not in entry:
-            extra["key"] = f"scorers.{name}"  # so load errors name this entry even when it was renamed
-        scorer = instantiate_checked(entry, f"scorers.{name}", **extra)
+            entry = OmegaConf.create(OmegaConf.to_container(entry))
+            entry.key = f"scorers.{name}"  # so load errors name this entry even when it was renamed
+        scorer = instantiate_checked(entry, f"scorers.{name}")
         if not isinstance(scorer, Scorer):
             raise ConfigError(f"scorers.{name}: {entry._target_} does not build an alignment Scorer")
         scorer.name = name
