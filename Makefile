@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+bench: install   # CPU benchmarks: framework overhead, latent-cache speed-up, DPO/SFT memory; model FLOPs per pair
+	$(PY) experiments/bench_dpo.py cpu
+	$(PY) experiments/bench_dpo.py flops
+
+bench-gpu: install   # on a GPU machine: pairs/s and MFU of LoRA-DPO for SD 1.5 @512 and SDXL @1024, per switch
+	$(PY) experiments/bench_dpo.py gpu
 
 clean:
 	rm -rf outputs multirun data/generated .pytest_cache
