@@ -199,7 +199,7 @@ def cpu_suite(args) -> dict:
     results.update({"dpo_peak_rss_growth_mib": dpo, "sft_peak_rss_growth_mib": sft, "dpo_over_sft_memory": dpo / sft})
     print("\nCPU, tiny backbone (32 px), batch 4 pairs, LoRA rank 8, median of "
           f"{args.repeats}x{args.steps} steps, {args.threads} threads")
-    print(f"| measurement | value | target |\n|---|---|---|")
+    print("| measurement | value | target |\n|---|---|---|")
     print(f"| bare PyTorch loop | {results['bare_s_per_step'] * 1000:.1f} ms/step | |")
     print(f"| alignment.run, latent cache | {results['framework_s_per_step'] * 1000:.1f} ms/step | |")
     print(f"| alignment.run, encode every step | {results['encode_every_step_s_per_step'] * 1000:.1f} ms/step | |")

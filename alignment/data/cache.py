@@ -58,7 +58,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from alignment.data.images import PairTransform
-from alignment.data.pickapic import collate_pairs, sample_seed
+from alignment.data.pickapic import collate_pairs, resolve_key, sample_seed
 from alignment.errors import ConfigError
 
 CACHE_FORMAT = 2
@@ -526,17 +526,7 @@ class CachedPairs(Dataset):
         return value if self.dtype is None else value.to(self.dtype)
 
     def _resolve_key(self, key) -> tuple[int, int]:
-        if isinstance(key, (tuple, list)):
-            if len(key) != 2:
-                raise TypeError(f"{type(self).__name__} key must be an index or an (index, epoch) pair, got {key!r}")
-            index, epoch = int(key[0]), int(key[1])
-        else:
-            index, epoch = int(key), 0
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} preference pairs")
-        return index, epoch
+        return resolve_key(key, len(self), type(self).__name__)
 
     def __getitem__(self, key) -> dict[str, Any]:
         index, epoch = self._resolve_key(key)

@@ -45,6 +45,21 @@ def sample_seed(seed: int, index: int, epoch: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def resolve_key(key, length: int, owner: str = "dataset") -> tuple[int, int]:
+    """A dataset key — ``index`` or ``(index, epoch)`` as StepIndexedSampler yields — as ``(index, epoch)``."""
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"{owner} key must be an index or an (index, epoch) pair, got {key!r}")
+        index, epoch = int(key[0]), int(key[1])
+    else:
+        index, epoch = int(key), 0
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for {length} preference pairs")
+    return index, epoch
+
+
 def _describe_image_error(error: BaseException) -> str:
     """A short one-line reason, without the object reprs that PIL puts into its messages."""
     text = str(error).strip() or type(error).__name__
@@ -265,17 +280,7 @@ class PreferencePairs(Dataset):
         return list(self._captions)
 
     def _resolve_key(self, key: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
-        if isinstance(key, (tuple, list)):
-            if len(key) != 2:
-                raise TypeError(f"{type(self).__name__} key must be an index or an (index, epoch) pair, got {key!r}")
-            index, epoch = int(key[0]), int(key[1])
-        else:
-            index, epoch = int(key), 0
-        if index < 0:
-            index += len(self._rows)
-        if not 0 <= index < len(self._rows):
-            raise IndexError(f"index {index} out of range for {len(self._rows)} preference pairs")
-        return index, epoch
+        return resolve_key(key, len(self._rows), type(self).__name__)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Returns one transformed pair; ``key`` is ``index`` or ``(index, epoch)``."""

@@ -78,13 +78,10 @@ class LaionAesthetic(Scorer):
         if layout not in (_LINEAR_LAYOUT, _RELU_LAYOUT):
             raise ConfigError(f"{key}.mlp_weights: not an aesthetic-predictor MLP (linear layers at {list(layout)}, "
                               f"expected {list(_LINEAR_LAYOUT)} or {list(_RELU_LAYOUT)})")
-        if isinstance(model, nn.Module):
-            vision = model
-        else:
-            from transformers import CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
 
-            vision = load_pretrained(CLIPVisionModelWithProjection, model, f"{key}.model", local_files_only,
-                                     dtype=torch_dtype)
+        vision = load_pretrained(CLIPVisionModelWithProjection, model, f"{key}.model", local_files_only,
+                                 dtype=torch_dtype)
         self.vision = vision.to(torch_dtype)
         embed_dim = self._embed_dim()
         input_size = state["layers.0.weight"].shape[1]

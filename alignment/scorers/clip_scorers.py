@@ -64,7 +64,10 @@ def _looks_like_path(value: str) -> bool:
 
 def load_pretrained(cls, source, key: str, local_files_only: bool = False, **kwargs):
     """``cls.from_pretrained(source)`` from an existing local folder or a hub id; one-line ConfigError naming
-    ``key`` when the folder does not exist or the id cannot be loaded (offline and not cached, wrong type...)."""
+    ``key`` when the folder does not exist or the id cannot be loaded (offline and not cached, wrong type...).
+    An already built module (tests pass tiny random ones) is returned as it is."""
+    if isinstance(source, nn.Module):
+        return source
     if source is None or (isinstance(source, str) and not source.strip()):
         raise ConfigError(f"{key}: required (a hub id or a local folder)")
     source = str(source)
@@ -165,10 +168,7 @@ class ClipBackedScorer(Scorer):
             self.name = name
         key = f"scorers.{self.name}"
         torch_dtype = resolve_dtype(dtype, f"{key}.dtype")
-        if isinstance(model, nn.Module):
-            clip = model
-        else:
-            clip = load_pretrained(CLIPModel, model, f"{key}.model", local_files_only, dtype=torch_dtype)
+        clip = load_pretrained(CLIPModel, model, f"{key}.model", local_files_only, dtype=torch_dtype)
         if not (hasattr(clip, "get_image_features") and hasattr(clip, "get_text_features")):
             raise ConfigError(f"{key}.model: {type(clip).__name__} is not a CLIP model (needs image and text towers)")
         self.clip = clip.to(torch_dtype)

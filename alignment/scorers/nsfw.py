@@ -18,7 +18,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from alignment.scorers.base import Scorer, clip_preprocess
 from alignment.scorers.clip_scorers import load_pretrained, resolve_dtype
@@ -40,13 +39,10 @@ class SafetyCheckerNSFW(Scorer):
             self.name = name
         key = f"scorers.{self.name}"
         torch_dtype = resolve_dtype(dtype, f"{key}.dtype")
-        if isinstance(model, nn.Module):
-            checker = model
-        else:
-            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-            checker = load_pretrained(StableDiffusionSafetyChecker, model, f"{key}.model", local_files_only,
-                                      dtype=torch_dtype)
+        checker = load_pretrained(StableDiffusionSafetyChecker, model, f"{key}.model", local_files_only,
+                                  dtype=torch_dtype)
         self.checker = checker.to(torch_dtype)
         self.special_care = bool(special_care)
         self.freeze()
