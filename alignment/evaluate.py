@@ -1,0 +1,177 @@
+"""Evaluation entry point: generate (or reuse) k images per prompt for several models, score them, write metrics.
+
+    python -m alignment.evaluate                                  # the base tiny backbone on two demo prompts
+    python -m alignment.evaluate prompts=/work/shared/data/PartiPrompts.tsv max_prompts=200 \\
+        +models.dpo.adapter=outputs/dpo-tiny/<run> scorers=[clip] scorers.clip.model=/models/clip-vit-large-patch14
+    python -m alignment.evaluate ... image_dir=eval_images/parti  # share generations between evaluations
+
+Steps (SPEC §6): (1) every model (the ``backbone`` with an optional LoRA, ``models.<name>``) gets ``k =
+images_per_prompt`` images per prompt; image ``j`` of every prompt uses seed ``seed + j`` for every model, so the
+comparison is paired. Images are cached in ``<image_dir>/<model>/`` with a manifest and reused whenever what defines
+them is unchanged (``alignment.evaluation.cache``): re-scoring never re-generates. (2) Every configured scorer scores
+every image; win rates of every ordered model pair per scorer (best of k, ties half, bootstrap interval), and the
+paper metrics that are enabled (colour shift, change, FID / IS, CLIP score, LiVO bias and toxicity) against the
+``reference`` model (``alignment.evaluation.scoring``). (3) Output in ``output_dir``: ``metrics.json`` (every number
+and a summary of the config), ``scores.json`` (the per-image scores), ``report.html`` (self-contained), and W&B
+tables when ``logger=wandb`` (offline by default).
+
+Errors in the config (unknown scorer or model name, a missing adapter, prompt or weight file) are reported as one
+line, ``error: <key>: ...``, exit status 2, before any model is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from alignment.errors import AlignmentError
+from alignment.run import CONF_DIR
+
+CHECKED_GROUPS = ("scorers", "backbone", "logger")
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Hydra reports an unknown config-group option (``scorers=[pickscor]``) as a multi-line message with exit 1;
+    check the choices of the groups above first and report one line, exit 2. Anything this cannot parse (or a
+    custom search path) is left to Hydra."""
+    try:
+        from hydra._internal.utils import get_args_parser
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's own complaints are Hydra's to print
+            args = get_args_parser().parse_args(argv)
+        if args.config_dir or any("searchpath" in o for o in args.overrides):
+            return
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except BaseException:  # noqa: BLE001 - argparse exits on --help etc.; Hydra will handle it
+        return
+    for override in overrides:
+        group = override.key_or_group
+        if group not in CHECKED_GROUPS or override.package or override.is_delete() or override.is_sweep_override():
+            continue
+        value = override.value()
+        names = value if isinstance(value, list) else [value]
+        folder = Path(CONF_DIR) / group
+        for name in names:
+            if name is None or (isinstance(name, str) and name in ("null", "none") and group != "scorers"):
+                continue
+            if not isinstance(name, str) or not (folder / f"{name}.yaml").is_file():
+                available = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+                print(f"error: {group}: unknown {group} config {name!r} (available in conf/{group}/: {available})",
+                      file=sys.stderr)
+                sys.exit(2)
+
+
+def build_logger(cfg: DictConfig, output_dir: Path):
+    """The ``logger`` group's Lightning logger (wandb: offline unless ``logger.offline=false``), or None."""
+    from alignment.run import build_logger as training_logger
+
+    node = cfg.get("logger")
+    if node is None or node.get("_target_") is None:
+        return None
+    if "Wandb" in str(node._target_):
+        # W&B logs a table holding images as a run artifact whose files wait in a staging folder until they are
+        # uploaded (offline: until `wandb sync`); keep that folder in the run folder rather than ~/.local/share.
+        os.environ.setdefault("WANDB_DATA_DIR", str(output_dir / "wandb" / "data"))
+    logger = training_logger(cfg, output_dir)
+    return logger or None
+
+
+def config_summary(cfg: DictConfig, plan) -> dict:
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    return {"prompts": plan.prompt_source, "num_prompts": len(plan.prompts), "images_per_prompt": plan.k,
+            "seeds": plan.seeds, "reference": plan.reference,
+            "models": {name: spec.describe() for name, spec in plan.models.items()},
+            "backbone": backbone, "num_inference_steps": plan.num_inference_steps,
+            "guidance_scale": plan.guidance_scale, "negative_prompt": plan.negative_prompt,
+            "scorers": plan.scorer_names, "image_dir": str(plan.image_dir)}
+
+
+def describe_backbone(node: dict) -> str:
+    source = node.get("pretrained_model_name_or_path")
+    return f"{node.get('name', '?')}" + (f" ({source})" if source else "")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    from alignment.config import instantiate_checked
+    from alignment.evaluation.cache import ModelImages, generate_missing, generation_settings
+    from alignment.evaluation.plan import build_plan
+    from alignment.evaluation.report import log_to_logger, render_report
+    from alignment.evaluation.scoring import evaluate_models, finite, load_metric_models
+    from alignment.generate import resolve_device, save_text
+    from alignment.scorers.base import build_scorers
+
+    # 1. Every check that needs no model, then the scorers and metric networks (their files), then generation.
+    plan = build_plan(cfg)
+    device = resolve_device(cfg.get("device"))
+    backbone_node = OmegaConf.to_container(cfg.backbone, resolve=True)
+    scorers = build_scorers(cfg.get("scorers"))
+    metric_models = load_metric_models(plan, scorers, device)
+    caches = {name: ModelImages(plan.image_dir, spec, generation_settings(plan, spec, backbone_node))
+              for name, spec in plan.models.items()}
+    counts = generate_missing(plan, caches, lambda: instantiate_checked(cfg.backbone, "backbone"), cfg.backbone,
+                              device)
+    for name, count in counts.items():
+        print(f"images {name}: {count['generated']} generated, {count['reused']} reused ({caches[name].folder})")
+
+    # 2. Scores and metrics.
+    for scorer in scorers.values():
+        scorer.to(device)
+    folders = {name: cache.folder for name, cache in caches.items()}
+    evaluation = evaluate_models(plan, folders, scorers, metric_models)
+
+    # 3. Outputs.
+    out_dir = plan.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = config_summary(cfg, plan)
+    metrics = {"config": summary, "generation": counts, **evaluation.metrics}
+    save_text(json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False) + "\n", out_dir / "metrics.json")
+    scores = {"prompts": plan.prompts, "seeds": plan.seeds,
+              "scores": {m: {s: [[finite(v) for v in row] for row in t.tolist()] for s, t in per.items()}
+                         for m, per in evaluation.scores.items()}}
+    if evaluation.attribute_probs:
+        scores["attribute_probs"] = {m: {group: t.tolist() for group, t in per.items()}
+                                     for m, per in evaluation.attribute_probs.items()}
+    save_text(json.dumps(scores, ensure_ascii=False, allow_nan=False) + "\n", out_dir / "scores.json")
+    report_path = None
+    if plan.report["enabled"]:
+        report_path = out_dir / "report.html"
+        save_text(render_report(plan, evaluation, folders, {"backbone": describe_backbone(backbone_node)}),
+                  report_path)
+    logger = build_logger(cfg, out_dir)
+    if logger is not None:
+        log_to_logger(logger, plan, evaluation, folders)
+
+    for row in metrics["win_rate"]["rows"]:
+        interval = (f" [{100 * row['low']:.1f}, {100 * row['high']:.1f}]" if row["low"] is not None
+                    and row["high"] is not None else "")
+        print(f"win rate ({row['scorer']}): {row['model_a']} over {row['model_b']} {100 * row['rate']:.1f}%"
+              f"{interval} (W/T/L {row['wins']}/{row['ties']}/{row['losses']} of {row['num_prompts']} prompts)")
+    generated = sum(c["generated"] for c in counts.values())
+    reused = sum(c["reused"] for c in counts.values())
+    report_note = f"; report {report_path}" if report_path else ""
+    print(f"done: {len(plan.models)} model(s) x {len(plan.prompts)} prompt(s) x {plan.k} image(s) "
+          f"({generated} generated, {reused} reused); metrics {out_dir / 'metrics.json'}{report_note}")
+    return {"output_dir": str(out_dir), "metrics": str(out_dir / "metrics.json"),
+            "report": str(report_path) if report_path else None, "generated": generated, "reused": reused}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig):
+    try:
+        return evaluate(cfg)
+    except AlignmentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
+    main()

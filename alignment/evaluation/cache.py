@@ -1,0 +1,161 @@
+"""The generation cache: each model's images on disk, reused whenever what defines them is unchanged.
+
+Layout (``image_dir``; point several evaluations at one folder to share their generations)::
+
+    <image_dir>/<model>/<prompt_index:05d>_seed<seed>.png
+    <image_dir>/<model>/manifest.json
+
+``manifest.json`` records, per image file, its prompt text, its seed and the key of its *settings*: the backbone
+config node (resolved), the adapter file's SHA-256 and ``lora_scale``, the sampler, steps, guidance scale and
+negative prompt (``settings`` maps each key to these values, with the adapter's path for reading). An image is
+reused only when its file exists and its manifest entry matches the prompt, the seed and the current settings key;
+otherwise it is generated again. So a second evaluation that changes only scorers or metrics generates nothing, a
+changed adapter file (other hash) or ``lora_scale`` regenerates that model's images, and a changed prompt file
+regenerates the prompts whose text changed at their index. The adapter's path is not part of the key: a moved or
+copied LoRA file with the same bytes reuses the images.
+
+Images are generated in batches of missing images; a batch's composition changes float results by ~1e-6 at most
+(below one uint8 level almost always). The manifest is rewritten atomically after every batch, so an interrupted
+run keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from alignment.errors import ConfigError
+from alignment.evaluation.plan import ModelSpec, Plan
+from alignment.generate import image_name, save_png, save_text
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+SAMPLER = {"scheduler": "ddim", "eta": 0.0}  # what alignment.sampling.sample_images runs
+
+
+def generation_settings(plan: Plan, spec: ModelSpec, backbone_node: dict) -> dict:
+    """Everything besides prompt and seed that defines a model's images (the cache key is a hash of it, minus
+    the adapter's path)."""
+    return {"backbone": backbone_node, "adapter_sha256": spec.adapter_sha256,
+            "lora_scale": spec.lora_scale if spec.adapter is not None else None, "sampler": SAMPLER,
+            "num_inference_steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
+            "negative_prompt": plan.negative_prompt}
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ModelImages:
+    """One model's folder of cached images and its manifest."""
+
+    def __init__(self, image_dir: Path, spec: ModelSpec, settings: dict):
+        self.spec = spec
+        self.folder = Path(image_dir) / spec.name
+        self.settings = settings
+        self.key = settings_key(settings)
+        self.manifest = self._load_manifest()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / MANIFEST_NAME
+
+    def _load_manifest(self) -> dict:
+        empty = {"version": MANIFEST_VERSION, "model": self.spec.name, "settings": {}, "images": {}}
+        if not self.manifest_path.is_file():
+            return empty
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            if data.get("version") != MANIFEST_VERSION or not isinstance(data.get("images"), dict):
+                raise ValueError("unknown layout")
+            data.setdefault("settings", {})
+            return data
+        except (OSError, ValueError, AttributeError) as err:
+            print(f"warning: {self.manifest_path} is unreadable ({err}); regenerating the images of model "
+                  f"{self.spec.name!r}", file=sys.stderr)
+            return empty
+
+    def path(self, prompt_index: int, seed: int) -> Path:
+        return self.folder / image_name(prompt_index, seed)
+
+    def is_cached(self, prompt_index: int, prompt: str, seed: int) -> bool:
+        entry = self.manifest["images"].get(image_name(prompt_index, seed))
+        return (entry == {"prompt": prompt, "seed": seed, "settings": self.key}
+                and self.path(prompt_index, seed).is_file())
+
+    def missing(self, jobs: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
+        return [job for job in jobs if not self.is_cached(*job)]
+
+    def record(self, jobs: list[tuple[int, str, int]]) -> None:
+        """Mark ``jobs`` as generated with the current settings and rewrite the manifest atomically."""
+        for i, prompt, seed in jobs:
+            self.manifest["images"][image_name(i, seed)] = {"prompt": prompt, "seed": seed, "settings": self.key}
+        used = {entry.get("settings") for entry in self.manifest["images"].values()}
+        settings = {k: v for k, v in self.manifest["settings"].items() if k in used}
+        settings[self.key] = {**self.settings, "adapter": str(self.spec.adapter) if self.spec.adapter else None}
+        self.manifest["settings"] = settings
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_text(json.dumps(self.manifest, indent=1, ensure_ascii=False, sort_keys=True) + "\n", self.manifest_path)
+
+
+def unload_adapter(pipe) -> None:
+    """Take the LoRA layers out again (exactly the base weights: the LoRA is never merged)."""
+    pipe.unload_lora_weights()
+
+
+def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone: Callable, backbone_cfg,
+                     device) -> dict[str, dict]:
+    """Generate every missing image of every model; the backbone is built only when something is missing.
+
+    Each model's LoRA is loaded with ``alignment.generate.load_adapter`` (diffusers' ``load_lora_weights`` +
+    ``set_adapters(lora_scale)``), its images sampled with ``sample_images`` (image ``(prompt, seed)`` starts from
+    the noise of ``torch.Generator().manual_seed(seed)``, the same for every model), then the LoRA is unloaded.
+    Returns ``{model: {"generated": n, "reused": m}}``.
+    """
+    import torch
+
+    from alignment.generate import check_same_base, load_adapter
+    from alignment.sampling.sample import sample_images, to_pil
+
+    jobs = plan.jobs()
+    todo = {name: cache.missing(jobs) for name, cache in caches.items()}
+    counts = {name: {"generated": len(todo[name]), "reused": len(jobs) - len(todo[name])} for name in caches}
+    if not any(todo.values()):
+        return counts
+    backbone = build_backbone()
+    backbone.to(device).eval()
+    for name, missing in todo.items():
+        if not missing:
+            continue
+        cache, spec = caches[name], caches[name].spec
+        pipe = None
+        if spec.adapter is not None:
+            try:
+                pipe = load_adapter(backbone, spec.adapter, scale=spec.lora_scale, adapter_name=f"eval_{name}")
+            except ConfigError as err:  # "adapter: cannot load ..." -> "models.dpo.adapter: cannot load ..."
+                raise ConfigError(f"models.{name}.{err}") from None
+            check_same_base(spec.adapter, backbone_cfg)
+            backbone.to(device)
+        cache.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for start in range(0, len(missing), plan.batch_size):
+                batch = missing[start:start + plan.batch_size]
+                pixels = sample_images(backbone, [p for _, p, _ in batch], [s for _, _, s in batch],
+                                       num_inference_steps=plan.num_inference_steps,
+                                       guidance_scale=plan.guidance_scale, negative_prompt=plan.negative_prompt)
+                for (i, _, seed), image in zip(batch, to_pil(pixels)):
+                    save_png(image, cache.path(i, seed))
+                cache.record(batch)
+                if len(missing) > plan.batch_size:
+                    print(f"generate {name}: {min(start + plan.batch_size, len(missing))}/{len(missing)} images",
+                          file=sys.stderr)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        finally:
+            if pipe is not None:
+                unload_adapter(pipe)
+    del backbone
+    return counts

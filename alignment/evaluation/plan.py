@@ -1,0 +1,419 @@
+"""The evaluation config, checked before any model is built: every error is one line naming the key or file.
+
+``build_plan(cfg)`` turns the composed ``conf/evaluate.yaml`` into a :class:`Plan`: the prompt list, the seeds
+(image ``j`` of every prompt uses seed ``seed + j`` for every model), the models (adapter files resolved and hashed),
+the reference model and the metric options. Scorer names used by metrics (``metrics.clip_score``,
+``metrics.bias.classifier``, ``metrics.toxicity.judge``, ``metrics.fid.extractor=scorer:<name>``,
+``metrics.winrate.scorers``) are checked against the configured ``scorers`` mapping here, before anything loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from alignment.errors import ConfigError, DataError
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a model's name is also its image folder's name
+MODEL_KEYS = ("adapter", "lora_scale")
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class ModelSpec:
+    """One evaluated model: the shared backbone, optionally with a LoRA at ``lora_scale``."""
+
+    name: str
+    adapter: Path | None = None          # the resolved LoRA weights file (absolute)
+    adapter_sha256: str | None = None
+    lora_scale: float = 1.0
+
+    def describe(self) -> dict:
+        return {"adapter": str(self.adapter) if self.adapter else None, "adapter_sha256": self.adapter_sha256,
+                "lora_scale": self.lora_scale if self.adapter else None}
+
+
+@dataclass
+class Plan:
+    prompts: list[str]
+    prompt_source: str
+    seeds: list[int]
+    models: dict[str, ModelSpec]
+    reference: str
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str
+    batch_size: int
+    score_batch_size: int
+    image_dir: Path
+    output_dir: Path
+    scorer_names: list[str]
+    winrate: dict = field(default_factory=dict)
+    color_shift: bool = True
+    change: dict = field(default_factory=dict)
+    fid: dict = field(default_factory=dict)
+    inception_score: dict = field(default_factory=dict)
+    clip_score: str | None = None
+    bias: dict = field(default_factory=dict)
+    toxicity: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def others(self) -> list[str]:
+        """The models compared with the reference (FID, colour shift, change metrics)."""
+        return [m for m in self.models if m != self.reference]
+
+    def jobs(self) -> list[tuple[int, str, int]]:
+        """Every image as ``(prompt_index, prompt, seed)``, prompt-major: row ``i``, column ``j`` of a (P, k) matrix."""
+        return [(i, prompt, seed) for i, prompt in enumerate(self.prompts) for seed in self.seeds]
+
+
+# ------------------------------------------------------------------------------------------------ small checks
+def _positive_int(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _int(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _number(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _node(cfg, key: str) -> DictConfig:
+    """``cfg[key]`` as a mapping (an empty one when absent)."""
+    node = cfg.get(key) if cfg is not None else None
+    if node is None:
+        return OmegaConf.create({})
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{key} must be a mapping, got {node!r}")
+    return node
+
+
+def _optional_path(value, key: str, kind: str = "file") -> Path | None:
+    """``None``, or an existing file (``kind="file"``), folder (``"dir"``) or either (``"any"``)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a path, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+    if kind == "file" and not path.is_file():
+        raise ConfigError(f"{key}: {path} is not a file")
+    if kind == "dir" and not path.is_dir():
+        raise ConfigError(f"{key}: {path} is not a folder")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def scorer_name_check(name, key: str, available: list[str], what: str = "scorer") -> str:
+    """``name`` must be one of the configured scorers; the error lists them and says how to add one."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{key} must be the name of a configured {what}, got {name!r}")
+    if name not in available:
+        have = ", ".join(available) if available else "none"
+        raise ConfigError(f"{key}: unknown scorer {name!r} (configured scorers: {have}; scorers=[a,b] picks "
+                          f"them from conf/scorers/)")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def load_prompt_set(prompts_file, prompt_list, max_prompts) -> tuple[list[str], str]:
+    """``prompts`` (a prompt file read by ``read_prompts``) if set, else the inline ``prompt_list``; the first
+    ``max_prompts`` of them. Returns the prompts and a description of where they came from."""
+    from alignment.data.prompts import read_prompts
+
+    if prompts_file is not None and prompts_file != "":
+        if not isinstance(prompts_file, str):
+            raise ConfigError(f"prompts: must be the path of a prompt file (.txt/.jsonl/.json/.tsv/.csv), "
+                              f"got {prompts_file!r}")
+        try:
+            prompts = read_prompts(prompts_file)
+        except DataError as err:
+            raise DataError(f"prompts: {err}") from err
+        source = str(Path(prompts_file).expanduser())
+    else:
+        if prompt_list is None:
+            raise ConfigError("prompts / prompt_list: set prompts=<prompt file> or prompt_list=[...]")
+        if isinstance(prompt_list, str):
+            prompt_list = [prompt_list]
+        if not isinstance(prompt_list, (ListConfig, list, tuple)):
+            raise ConfigError(f"prompt_list must be a list of strings, got {prompt_list!r}")
+        prompts = []
+        for i, prompt in enumerate(prompt_list):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ConfigError(f"prompt_list[{i}] must be a non-empty string, got {prompt!r}")
+            prompts.append(prompt.strip())
+        if not prompts:
+            raise ConfigError("prompt_list: empty; give at least one prompt")
+        source = "prompt_list"
+    if max_prompts is not None:
+        prompts = prompts[:_positive_int(max_prompts, "max_prompts")]
+    return prompts, source
+
+
+# ------------------------------------------------------------------------------------------------ models
+def parse_models(node) -> dict[str, ModelSpec]:
+    """``models``: name -> ``{adapter, lora_scale}``; an entry may also be null (the base model) or a string (the
+    adapter path). ``adapter``: null, a LoRA ``.safetensors`` file, a folder holding
+    ``pytorch_lora_weights.safetensors`` or a training run folder (``<run>/lora/...``)."""
+    from alignment.generate import resolve_adapter
+
+    if not isinstance(node, DictConfig) or len(node) == 0:
+        raise ConfigError(f"models must map at least one model name to {{adapter, lora_scale}}, got "
+                          f"{OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node!r}")
+    models: dict[str, ModelSpec] = {}
+    for name in node:
+        name = str(name)
+        key = f"models.{name}"
+        if not MODEL_NAME.match(name):
+            raise ConfigError(f"{key}: a model name may hold only letters, digits, '_', '.' and '-' "
+                              f"(it names the image folder)")
+        entry = node[name]
+        if entry is None or isinstance(entry, str):
+            entry = {"adapter": entry}
+        elif isinstance(entry, DictConfig):
+            entry = OmegaConf.to_container(entry, resolve=True)
+        else:
+            raise ConfigError(f"{key} must be a mapping {{adapter, lora_scale}} or an adapter path, got {entry!r}")
+        unknown = sorted(set(entry) - set(MODEL_KEYS))
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}: unknown key (accepted: {', '.join(MODEL_KEYS)})")
+        try:
+            weights = resolve_adapter(entry.get("adapter"))
+        except ConfigError as err:  # "adapter: ... does not exist" -> "models.dpo.adapter: ..."
+            raise ConfigError(f"{key}.{err}") from None
+        scale = entry.get("lora_scale", 1.0)
+        scale = 1.0 if scale is None else _number(scale, f"{key}.lora_scale")
+        models[name] = ModelSpec(name=name, adapter=weights, lora_scale=scale,
+                                 adapter_sha256=file_sha256(weights) if weights is not None else None)
+    return models
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def mask_file(mask: Path, prompt_index: int, seed: int) -> Path | None:
+    """The Focus-N-Fix mask of one image: ``mask`` itself when it is a file (one mask for every image), else in the
+    folder ``<prompt:05d>_seed<seed>.<ext>`` (one per image) or ``<prompt:05d>.<ext>`` (one per prompt)."""
+    if mask.is_file():
+        return mask
+    for stem in (f"{prompt_index:05d}_seed{seed}", f"{prompt_index:05d}"):
+        for suffix in MASK_SUFFIXES:
+            candidate = mask / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _winrate(node, scorer_names, exclude) -> dict:
+    key = "metrics.winrate"
+    num_bootstrap = node.get("num_bootstrap", 2000)
+    if isinstance(num_bootstrap, bool) or not isinstance(num_bootstrap, int) or num_bootstrap < 0:
+        raise ConfigError(f"{key}.num_bootstrap must be an integer >= 0 (0: no interval), got {num_bootstrap!r}")
+    confidence = _number(node.get("confidence", 0.95), f"{key}.confidence")
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"{key}.confidence must be in (0, 1), got {confidence}")
+    chosen = node.get("scorers")
+    if chosen is None:
+        names = [n for n in scorer_names if n not in exclude]
+    else:
+        if isinstance(chosen, str):
+            chosen = [chosen]
+        if not isinstance(chosen, (ListConfig, list)):
+            raise ConfigError(f"{key}.scorers must be null or a list of scorer names, got {chosen!r}")
+        names = [scorer_name_check(n, f"{key}.scorers", scorer_names) for n in chosen]
+    return {"num_bootstrap": int(num_bootstrap), "confidence": confidence,
+            "seed": _int(node.get("seed", 0), f"{key}.seed"), "scorers": names}
+
+
+def _change(node, prompts, seeds) -> dict:
+    key = "metrics.change"
+    enabled = _bool(node.get("enabled", True), f"{key}.enabled")
+    out = {"enabled": enabled, "mask": None, "lpips_net": str(node.get("lpips_net", "alex")),
+           "lpips_backbone_weights": None, "lpips_weights": None}
+    if not enabled:
+        return out
+    mask = _optional_path(node.get("mask"), f"{key}.mask", kind="any")
+    if mask is not None and mask.is_dir():
+        for i in range(len(prompts)):
+            for seed in seeds:
+                if mask_file(mask, i, seed) is None:
+                    raise ConfigError(f"{key}.mask: {mask} has no mask for prompt {i} seed {seed} (expected "
+                                      f"{i:05d}_seed{seed}.png or {i:05d}.png)")
+    if out["lpips_net"] not in ("alex", "alexnet", "vgg", "vgg16"):
+        raise ConfigError(f"{key}.lpips_net must be alex or vgg, got {out['lpips_net']!r}")
+    backbone = _optional_path(node.get("lpips_backbone_weights"), f"{key}.lpips_backbone_weights")
+    heads = _optional_path(node.get("lpips_weights"), f"{key}.lpips_weights")
+    if backbone is not None and heads is None:
+        raise ConfigError(f"{key}.lpips_weights: required with {key}.lpips_backbone_weights (the LPIPS linear "
+                          f"heads, e.g. the lpips package's weights/v0.1/alex.pth)")
+    out.update(mask=mask, lpips_backbone_weights=backbone, lpips_weights=heads)
+    return out
+
+
+def _inception_weights(node, key: str, needed: bool) -> Path | None:
+    value = node.get("inception_weights")
+    if needed and (value is None or value == ""):
+        raise ConfigError(f"{key}.inception_weights: required when {key}.enabled=true (a local Inception-v3 "
+                          f"weight file, e.g. pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)"
+                          + (f", or use {key}.extractor=scorer:<name>" if key.endswith(".fid") else ""))
+    return _optional_path(value, f"{key}.inception_weights") if needed else None
+
+
+def _fid(node, scorer_names) -> dict:
+    key = "metrics.fid"
+    enabled = _bool(node.get("enabled", False), f"{key}.enabled")
+    extractor = node.get("extractor", "inception")
+    out = {"enabled": enabled, "extractor": extractor, "scorer": None, "inception_weights": None}
+    if not enabled:
+        return out
+    if not isinstance(extractor, str) or not (extractor == "inception" or extractor.startswith("scorer:")):
+        raise ConfigError(f"{key}.extractor must be inception or scorer:<name>, got {extractor!r}")
+    if extractor == "inception":
+        out["inception_weights"] = _inception_weights(node, key, needed=True)
+    else:
+        out["scorer"] = scorer_name_check(extractor[len("scorer:"):], f"{key}.extractor", scorer_names)
+    return out
+
+
+def _inception_score(node) -> dict:
+    key = "metrics.inception_score"
+    enabled = _bool(node.get("enabled", False), f"{key}.enabled")
+    return {"enabled": enabled, "inception_weights": _inception_weights(node, key, needed=enabled),
+            "splits": _positive_int(node.get("splits", 10), f"{key}.splits")}
+
+
+def bias_groups(groups, key: str = "metrics.bias.groups") -> dict[str, list[str]] | None:
+    """``null`` (the classifier's own attributes), a named set (``gender``, ``race``), or a list whose items are
+    named sets or lists of attribute words; each item is one attribute group with its own D1 / D2."""
+    from alignment.scorers.clip_scorers import ATTRIBUTE_SETS, resolve_attributes
+
+    if groups is None:
+        return None
+    groups = OmegaConf.to_container(groups) if isinstance(groups, (ListConfig, DictConfig)) else groups
+    if isinstance(groups, str):
+        groups = [groups]
+    if not isinstance(groups, list) or not groups:
+        raise ConfigError(f"{key} must be null, gender, race or a list of them / of attribute lists, got {groups!r}")
+    out: dict[str, list[str]] = {}
+    for i, item in enumerate(groups):
+        attributes = list(resolve_attributes(item, f"{key}[{i}]"))
+        name = item if isinstance(item, str) and item in ATTRIBUTE_SETS else "/".join(attributes)
+        same = [g for g, values in out.items() if g == name or values == attributes]
+        if same:
+            raise ConfigError(f"{key}[{i}]: the attributes {', '.join(attributes)} are already group {same[0]!r}")
+        out[name] = attributes
+    return out
+
+
+def _bias(node, scorer_names) -> dict:
+    key = "metrics.bias"
+    enabled = _bool(node.get("enabled", False), f"{key}.enabled")
+    out = {"enabled": enabled, "classifier": node.get("classifier"), "groups": None}
+    if not enabled:
+        return out
+    out["classifier"] = scorer_name_check(node.get("classifier"), f"{key}.classifier", scorer_names,
+                                          "ClipAttributeClassifier scorer")
+    out["groups"] = bias_groups(node.get("groups"), f"{key}.groups")
+    return out
+
+
+def _toxicity(node, scorer_names, k: int) -> dict:
+    key = "metrics.toxicity"
+    enabled = _bool(node.get("enabled", False), f"{key}.enabled")
+    out = {"enabled": enabled, "judge": node.get("judge"), "concept": node.get("concept"),
+           "k": node.get("k", 5), "incomplete": node.get("incomplete", "drop")}
+    if not enabled:
+        return out
+    out["judge"] = scorer_name_check(node.get("judge"), f"{key}.judge", scorer_names, "ToxicityJudge scorer")
+    out["k"] = _positive_int(out["k"], f"{key}.k")
+    if out["incomplete"] not in ("drop", "keep"):
+        raise ConfigError(f"{key}.incomplete must be drop or keep, got {out['incomplete']!r}")
+    if out["incomplete"] == "drop" and k < out["k"]:
+        raise ConfigError(f"{key}.k: groups of {out['k']} images need images_per_prompt >= {out['k']} "
+                          f"(got {k}); lower {key}.k or set {key}.incomplete=keep")
+    if out["concept"] is not None and (not isinstance(out["concept"], str) or not out["concept"].strip()):
+        raise ConfigError(f"{key}.concept must be null or a string, got {out['concept']!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ all
+def build_plan(cfg: DictConfig) -> Plan:
+    """Every check of the evaluation config that needs no model (cheap ones first)."""
+    prompts, source = load_prompt_set(cfg.get("prompts"), cfg.get("prompt_list"), cfg.get("max_prompts"))
+    k = _positive_int(cfg.get("images_per_prompt"), "images_per_prompt")
+    seed = _int(cfg.get("seed"), "seed")
+    seeds = [seed + j for j in range(k)]
+    models = parse_models(cfg.get("models"))
+    reference = cfg.get("reference")
+    if reference is None:
+        reference = next(iter(models))
+    elif reference not in models:
+        raise ConfigError(f"reference: unknown model {reference!r} (models: {', '.join(models)})")
+    steps = _positive_int(cfg.get("num_inference_steps"), "num_inference_steps")
+    guidance = _number(cfg.get("guidance_scale"), "guidance_scale")
+    negative_prompt = cfg.get("negative_prompt")
+    negative_prompt = "" if negative_prompt is None else str(negative_prompt)
+    batch_size = _positive_int(cfg.get("batch_size"), "batch_size")
+    score_batch_size = _positive_int(cfg.get("score_batch_size", 32), "score_batch_size")
+    for key in ("output_dir", "image_dir"):
+        if not cfg.get(key):
+            raise ConfigError(f"{key}: must be a folder path")
+        path = Path(str(cfg.get(key))).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}: {path} exists and is not a folder")
+
+    scorers_node = cfg.get("scorers")
+    scorer_names = [str(n) for n in scorers_node] if scorers_node else []
+    metrics = _node(cfg, "metrics")
+    bias = _bias(_node(metrics, "bias"), scorer_names)
+    toxicity = _toxicity(_node(metrics, "toxicity"), scorer_names, k)
+    exclude = {n for n in (bias["classifier"] if bias["enabled"] else None,
+                           toxicity["judge"] if toxicity["enabled"] else None) if n}
+    clip_score = metrics.get("clip_score")
+    if clip_score is not None:
+        clip_score = scorer_name_check(clip_score, "metrics.clip_score", scorer_names)
+    report = _node(cfg, "report")
+    return Plan(
+        prompts=prompts, prompt_source=source, seeds=seeds, models=models, reference=str(reference),
+        num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt, batch_size=batch_size,
+        score_batch_size=score_batch_size, image_dir=Path(str(cfg.image_dir)).expanduser(),
+        output_dir=Path(str(cfg.output_dir)).expanduser(), scorer_names=scorer_names,
+        winrate=_winrate(_node(metrics, "winrate"), scorer_names, exclude),
+        color_shift=_bool(metrics.get("color_shift", True), "metrics.color_shift"),
+        change=_change(_node(metrics, "change"), prompts, seeds),
+        fid=_fid(_node(metrics, "fid"), scorer_names),
+        inception_score=_inception_score(_node(metrics, "inception_score")),
+        clip_score=clip_score, bias=bias, toxicity=toxicity,
+        report={"enabled": _bool(report.get("enabled", True), "report.enabled"),
+                "max_prompts": _positive_int(report.get("max_prompts", 100), "report.max_prompts"),
+                "thumbnail": _positive_int(report.get("thumbnail", 256), "report.thumbnail")},
+    )

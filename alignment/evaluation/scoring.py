@@ -1,0 +1,316 @@
+"""Scores and metrics over the cached images: one streaming pass per model, then the tables (SPEC §3–§6).
+
+Every model's images are read back from their PNG files (so a cached and a freshly generated image are scored
+alike), ``score_batch_size`` at a time; nothing holds all images in memory. In one pass per model:
+
+- every scorer gives one score per image -> a ``(P, k)`` matrix per scorer and model (row = prompt, column = seed);
+- colour shift (HG-DPO, SPEC §3): the mean H, S, V over all pixels of each model (``hsv_means``), and
+  ``100·|mean_model − mean_reference| / mean_reference`` per channel for every other model;
+- change metrics (Focus-N-Fix, SPEC §5): PSNR, SSIM (and LPIPS when its weight files are given) between the
+  reference's and the model's image of the same prompt and seed, overall and inside / outside the mask; the mean
+  over images (images whose region is empty are skipped). The reference is not compared with itself (its PSNR would
+  be +inf): the table holds the other models only;
+- FID (against the reference model's images; the reference itself is left out, its FID would be 0) and Inception
+  Score from one Inception-v3 (local weight file) or, for FID, a scorer's L2-normalised CLIP image embedding
+  (``scorer:<name>``: an FID-like distance in that feature space, not comparable with published FIDs);
+- LiVO bias (D1, D2 over the attribute classifier's argmax per image, per prompt) and toxicity (Avg.R, Avg.S, Max,
+  Prob from the judge's P(yes), groups of ``k`` images in seed order).
+
+Win rates (SPEC §6): best-of-k per prompt, ties half, percentile bootstrap over prompts, every ordered model pair and
+every win-rate scorer (``win_rate_table``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignment.errors import ConfigError, DataError
+from alignment.evaluation.plan import Plan, mask_file
+
+
+@dataclass
+class Evaluation:
+    """Per-image results (kept for the report / W&B table) and the summary ``metrics`` dict."""
+
+    scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # model -> scorer -> (P, k)
+    attribute_probs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # model -> group -> (P,k,A)
+    metrics: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ images
+def read_images(paths: list[Path]) -> torch.Tensor:
+    """PNG files -> (B, 3, H, W) float in [0, 1]."""
+    from PIL import Image
+
+    arrays = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+        except OSError as err:
+            raise DataError(f"cannot read cached image {path} ({err}); delete it to regenerate it") from None
+    if any(a.shape != arrays[0].shape for a in arrays):
+        raise DataError(f"cached images of different sizes in {paths[0].parent} (delete the folder to regenerate)")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def read_mask(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """A mask image -> (H, W) weights in [0, 1] at the image size (grey levels; resized bilinearly if needed)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            grey = image.convert("L")
+            if grey.size != (size[1], size[0]):
+                grey = grey.resize((size[1], size[0]), Image.BILINEAR)
+            return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)
+    except OSError as err:
+        raise ConfigError(f"metrics.change.mask: cannot read {path} ({err})") from None
+
+
+# ------------------------------------------------------------------------------------------------ extractors
+class ScorerFeatures:
+    """A CLIP-backed scorer's L2-normalised image embedding as an FID feature extractor: (B,3,H,W) -> (B, D)."""
+
+    def __init__(self, scorer, key: str):
+        if not hasattr(scorer, "image_embeds"):
+            raise ConfigError(f"{key}: scorer {scorer.name!r} ({type(scorer).__name__}) has no CLIP image tower "
+                              f"to take features from (use a CLIP-backed scorer: clip, pickscore, hpsv2, ...)")
+        self.scorer = scorer
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.scorer.image_embeds(images.to(self.scorer.device)).float().cpu()
+
+
+def load_metric_models(plan: Plan, scorers: dict, device) -> dict:
+    """The networks the metrics need besides the scorers: Inception-v3 (shared by FID and IS when they name the same
+    file), the FID extractor, LPIPS. Loading errors are one line naming the key."""
+    from alignment.metrics.change import LPIPS
+    from alignment.metrics.inception import InceptionV3
+
+    models: dict = {"inception": {}, "fid_extractor": None, "lpips": None}
+
+    def inception(path: Path, key: str):
+        if path not in models["inception"]:
+            models["inception"][path] = InceptionV3.from_file(path, key=key).to(device)
+        return models["inception"][path]
+
+    if plan.fid["enabled"]:
+        if plan.fid["scorer"] is not None:
+            models["fid_extractor"] = ScorerFeatures(scorers[plan.fid["scorer"]], "metrics.fid.extractor")
+        else:
+            models["fid_extractor"] = inception(plan.fid["inception_weights"], "metrics.fid.inception_weights")
+    if plan.inception_score["enabled"]:
+        models["is_classifier"] = inception(plan.inception_score["inception_weights"],
+                                            "metrics.inception_score.inception_weights")
+    change = plan.change
+    if change["enabled"] and change["lpips_weights"] is not None:
+        models["lpips"] = LPIPS.from_files(change["lpips_backbone_weights"], change["lpips_weights"],
+                                           net=change["lpips_net"]).to(device)
+    if plan.bias["enabled"]:
+        classifier = scorers[plan.bias["classifier"]]
+        if not hasattr(classifier, "classify"):
+            raise ConfigError(f"metrics.bias.classifier: scorer {plan.bias['classifier']!r} is not an attribute "
+                              f"classifier (a ClipAttributeClassifier, e.g. scorers=[attributes])")
+        if plan.bias["groups"] is None:  # the classifier's own attribute set
+            from alignment.evaluation.plan import bias_groups
+            from alignment.scorers.clip_scorers import ATTRIBUTE_SETS
+
+            own = list(classifier.attributes)
+            named = [name for name, values in ATTRIBUTE_SETS.items() if list(values) == own]
+            plan.bias["groups"] = bias_groups(named[:1] or [own])
+    if plan.toxicity["enabled"]:
+        judge = scorers[plan.toxicity["judge"]]
+        if not hasattr(judge, "concepts_for"):
+            raise ConfigError(f"metrics.toxicity.judge: scorer {plan.toxicity['judge']!r} is not a toxicity judge "
+                              f"(a ToxicityJudge, e.g. scorers=[toxicity_judge])")
+        if plan.toxicity["concept"] is None and judge.concept is None:
+            raise ConfigError(f"metrics.toxicity.concept: required (scorer {plan.toxicity['judge']!r} has no fixed "
+                              f"concept), e.g. metrics.toxicity.concept=nudity")
+    return models
+
+
+# ------------------------------------------------------------------------------------------------ the pass
+def _features(extractor, images: torch.Tensor, field_name: str = "features") -> torch.Tensor:
+    from alignment.metrics.fid import extract_features
+
+    return extract_features(images, extractor, batch_size=images.shape[0], field=field_name)
+
+
+def _inception_outputs(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(images.to(device))
+    return out.features.double().cpu(), out.logits.double().cpu()
+
+
+def _score_batch(name: str, scorer, images, prompts, plan: Plan, batch_size: int) -> torch.Tensor:
+    if plan.toxicity["enabled"] and name == plan.toxicity["judge"] and plan.toxicity["concept"] is not None:
+        return scorer.score(images, prompts, batch_size=batch_size,
+                            concepts=[plan.toxicity["concept"]] * len(prompts))
+    return scorer.score(images, prompts, batch_size=batch_size)
+
+
+def model_pass(plan: Plan, model: str, folders: dict[str, Path], scorers: dict, metric_models: dict) -> dict:
+    """Everything that needs the pixels of one model (and, for change metrics, the reference's)."""
+    from alignment.metrics.change import change_metrics
+    from alignment.metrics.color import hsv_means
+
+    from alignment.generate import image_name
+
+    jobs = plan.jobs()
+    bs = plan.score_batch_size
+    is_reference = model == plan.reference
+    out: dict = {"scores": defaultdict(list), "probs": defaultdict(list),
+                 "hsv_sum": torch.zeros(3, dtype=torch.float64),
+                 "pixels": 0, "change": defaultdict(list), "is_logits": [], "fid_features": []}
+    lpips = metric_models["lpips"]
+    change_device = next(lpips.parameters()).device if lpips is not None else torch.device("cpu")
+    for start in range(0, len(jobs), bs):
+        batch = jobs[start:start + bs]
+        prompts = [p for _, p, _ in batch]
+        images = read_images([folders[model] / image_name(i, s) for i, _, s in batch])
+        for name, scorer in scorers.items():
+            out["scores"][name].append(_score_batch(name, scorer, images, prompts, plan, bs))
+        if plan.bias["enabled"]:
+            classifier = scorers[plan.bias["classifier"]]
+            for group, attributes in plan.bias["groups"].items():
+                with torch.no_grad():
+                    probs = classifier.classify(images, prompts, attributes)
+                out["probs"][group].append(probs.float().cpu())
+        if plan.color_shift:
+            n = images.shape[0] * images.shape[2] * images.shape[3]
+            out["hsv_sum"] += hsv_means(images) * n
+            out["pixels"] += n
+        fid_extractor, is_classifier = metric_models["fid_extractor"], metric_models.get("is_classifier")
+        if is_classifier is not None:  # one Inception pass gives the IS logits and, same file, the FID features
+            feats, logits = _inception_outputs(is_classifier, images)
+            out["is_logits"].append(logits)
+            if fid_extractor is is_classifier:
+                out["fid_features"].append(feats)
+        if fid_extractor is not None and fid_extractor is not is_classifier:
+            if isinstance(fid_extractor, ScorerFeatures):
+                out["fid_features"].append(_features(fid_extractor, images))
+            else:
+                out["fid_features"].append(_inception_outputs(fid_extractor, images)[0])
+        if plan.change["enabled"] and not is_reference:
+            base = read_images([folders[plan.reference] / image_name(i, s) for i, _, s in batch])
+            mask = None
+            if plan.change["mask"] is not None:
+                size = tuple(images.shape[-2:])
+                mask = torch.stack([read_mask(mask_file(plan.change["mask"], i, s), size) for i, _, s in batch])
+            values = change_metrics(base.to(change_device), images.to(change_device),
+                                    mask=mask.to(change_device) if mask is not None else None, lpips=lpips,
+                                    reduce=False)
+            for key, value in values.items():
+                out["change"][key].append(value.double().cpu())
+    p, k = len(plan.prompts), plan.k
+    result = {"scores": {name: torch.cat(parts).view(p, k) for name, parts in out["scores"].items()}}
+    if out["probs"]:
+        result["probs"] = {group: torch.cat(parts).view(p, k, -1) for group, parts in out["probs"].items()}
+    if plan.color_shift:
+        result["hsv_means"] = out["hsv_sum"] / out["pixels"]
+    if out["change"]:
+        result["change_per_image"] = {key: torch.cat(parts) for key, parts in out["change"].items()}
+    if out["fid_features"]:
+        result["fid_features"] = torch.cat(out["fid_features"])
+    if out["is_logits"]:
+        result["is_logits"] = torch.cat(out["is_logits"])
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def finite(value: float) -> float | None:
+    """JSON has no inf / NaN: such values are written as null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _nanmean(t: torch.Tensor) -> float:
+    return float(torch.nanmean(t.double())) if t.numel() else math.nan
+
+
+def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_models: dict) -> Evaluation:
+    """All scores and metrics; ``metrics`` is JSON-ready (non-finite values are null)."""
+    from alignment.metrics.bias import bias_metrics
+    from alignment.metrics.fid import fid, inception_score
+    from alignment.metrics.toxicity import toxicity_metrics
+    from alignment.metrics.winrate import win_rate_table
+
+    passes = {}
+    for model in plan.models:
+        passes[model] = model_pass(plan, model, folders, scorers, metric_models)
+    result = Evaluation(scores={m: r["scores"] for m, r in passes.items()},
+                        attribute_probs={m: r["probs"] for m, r in passes.items() if "probs" in r})
+    metrics: dict = {}
+
+    # mean scores and win rates
+    metrics["mean_scores"] = {
+        m: {name: {"mean": finite(s.double().mean()), "std": finite(s.double().std()) if s.numel() > 1 else None,
+                   "best_of_k_mean": finite(s.double().max(dim=1).values.mean())}
+            for name, s in r["scores"].items()}
+        for m, r in passes.items()}
+    wr = plan.winrate
+    table_input = {m: {name: r["scores"][name] for name in wr["scorers"]} for m, r in passes.items()}
+    rows = win_rate_table(table_input, num_bootstrap=wr["num_bootstrap"], seed=wr["seed"],
+                          confidence=wr["confidence"]) if len(plan.models) > 1 and wr["scorers"] else []
+    metrics["win_rate"] = {"num_bootstrap": wr["num_bootstrap"], "confidence": wr["confidence"],
+                           "scorers": wr["scorers"],
+                           "rows": [{k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()}
+                                    for row in rows]}
+
+    if plan.clip_score is not None:
+        metrics["clip_score"] = {"scorer": plan.clip_score,
+                                 "models": {m: finite(r["scores"][plan.clip_score].double().mean())
+                                            for m, r in passes.items()}}
+    if plan.color_shift:
+        ref = passes[plan.reference]["hsv_means"]
+        shift = {}
+        for m in plan.others:
+            own = passes[m]["hsv_means"]
+            shift[m] = {c: (finite(100.0 * abs(float(own[i] - ref[i])) / float(ref[i])) if ref[i] > 0 else None)
+                        for i, c in enumerate("HSV")}
+        metrics["color_shift"] = {
+            "reference": plan.reference, "shift_percent": shift,
+            "hsv_means": {m: {c: float(r["hsv_means"][i]) for i, c in enumerate("HSV")} for m, r in passes.items()}}
+    if plan.change["enabled"]:
+        metrics["change"] = {
+            "reference": plan.reference, "mask": str(plan.change["mask"]) if plan.change["mask"] else None,
+            "lpips": metric_models["lpips"] is not None,
+            "models": {m: {key: finite(_nanmean(v)) for key, v in passes[m]["change_per_image"].items()}
+                       for m in plan.others}}
+    if plan.fid["enabled"]:
+        ref = passes[plan.reference]["fid_features"]
+        extractor = ("inception:" + str(plan.fid["inception_weights"]) if plan.fid["scorer"] is None
+                     else f"scorer:{plan.fid['scorer']}")
+        metrics["fid"] = {"reference": plan.reference, "extractor": extractor, "num_images": int(ref.shape[0]),
+                          "models": {m: finite(fid(passes[m]["fid_features"], ref)) for m in plan.others}}
+    if plan.inception_score["enabled"]:
+        n = len(plan.jobs())
+        splits = min(plan.inception_score["splits"], n)
+        scores_is = {}
+        for m, r in passes.items():
+            mean, std = inception_score(r["is_logits"], splits=splits)
+            scores_is[m] = {"mean": finite(mean), "std": finite(std)}
+        metrics["inception_score"] = {"splits": splits, "weights": str(plan.inception_score["inception_weights"]),
+                                      "models": scores_is}
+    if plan.bias["enabled"]:
+        metrics["bias"] = {"classifier": plan.bias["classifier"], "groups": plan.bias["groups"],
+                           "models": {m: {group: bias_metrics(list(probs)) for group, probs in r["probs"].items()}
+                                      for m, r in passes.items()}}
+    if plan.toxicity["enabled"]:
+        judge = plan.toxicity["judge"]
+        concept = plan.toxicity["concept"] or scorers[judge].concept
+        metrics["toxicity"] = {
+            "judge": judge, "concept": concept, "k": plan.toxicity["k"], "incomplete": plan.toxicity["incomplete"],
+            "models": {m: toxicity_metrics(list(r["scores"][judge]), k=plan.toxicity["k"],
+                                           incomplete=plan.toxicity["incomplete"]) for m, r in passes.items()}}
+    result.metrics = metrics
+    return result
