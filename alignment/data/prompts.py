@@ -1,4 +1,4 @@
-"""Reading evaluation prompt lists from text, JSON, JSON-lines and PartiPrompts-style TSV/CSV files."""
+"""Reading evaluation prompt lists from text, JSON, JSON-lines, PartiPrompts-style TSV/CSV and Pick-a-Pic parquet files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from alignment.errors import DataError
 
 PROMPT_KEYS: tuple[str, ...] = ("prompt", "caption")
 TABLE_COLUMNS: tuple[str, ...] = ("Prompt", "prompt")
-SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".json", ".tsv", ".csv")
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".json", ".tsv", ".csv", ".parquet")
 
 
 def _prompt_of(value: object, where: str) -> str:

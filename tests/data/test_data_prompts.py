@@ -91,3 +91,23 @@ def test_real_parti_prompts():
     assert prompts[0] == "bond"
     assert all(prompt == prompt.strip() and prompt for prompt in prompts)
     assert any(prompt.startswith('"') for prompt in prompts)  # TSV fields are not unquoted
+
+
+def test_pickapic_parquet_gives_unique_captions_in_order(tmp_path):
+    from alignment.data.synthetic import make_synthetic_pairs
+    import pyarrow.parquet as pq
+
+    path = make_synthetic_pairs(tmp_path / "pairs.parquet", num_rows=24)
+    captions = pq.read_table(path).column("caption").to_pylist()
+    prompts = read_prompts(path)
+    assert prompts == list(dict.fromkeys(captions)) and len(prompts) < len(captions)
+
+
+def test_parquet_without_caption_column_names_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), path)
+    with pytest.raises(DataError, match=f"{path}: no 'caption' or 'prompt' column"):
+        read_prompts(path)
