@@ -66,6 +66,21 @@ def _read_table(path: Path, delimiter: str) -> list[str]:
         return [row[column] or "" for row in reader]
 
 
+def _read_parquet(path: Path) -> list[str]:
+    """Pick-a-Pic-style parquet: the unique values of its ``caption`` (or ``prompt``) column, first-seen order."""
+    import pyarrow.parquet as pq
+
+    try:
+        columns = pq.read_schema(path).names
+    except Exception as error:  # not a parquet file
+        raise DataError(f"prompt file {path} is not a readable parquet file ({type(error).__name__})") from error
+    column = next((name for name in ("caption", "prompt", "Prompt") if name in columns), None)
+    if column is None:
+        raise DataError(f"{path}: no 'caption' or 'prompt' column (columns: {', '.join(columns) or 'none'})")
+    values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    return list(dict.fromkeys(v for v in values if v))
+
+
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Reads a list of prompts.
 
@@ -76,6 +91,8 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     - ``.json``: a list of strings, or of objects with a ``prompt`` (or ``caption``) key.
     - ``.tsv`` / ``.csv``: a header row with a ``Prompt`` or ``prompt`` column, e.g. PartiPrompts
       (``Prompt``, ``Category``, ``Challenge``, ``Note``).
+    - ``.parquet``: the unique ``caption`` (or ``prompt``) values in first-seen order, e.g. Pick-a-Pic v2's
+      validation split (one caption per pair, so captions repeat).
 
     Surrounding whitespace is stripped and empty prompts are skipped.
 
@@ -99,6 +116,8 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             prompts = _read_jsonl(path)
         elif suffix == ".json":
             prompts = _read_json(path)
+        elif suffix == ".parquet":
+            prompts = _read_parquet(path)
         else:
             prompts = _read_table(path, "\t" if suffix == ".tsv" else ",")
     except UnicodeDecodeError as error:
