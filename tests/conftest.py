@@ -31,3 +31,38 @@ def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int 
 
 
 FAST_RUN = ("logger=none", "samples.every_n_steps=0")
+# The shared training run's LoRA has alpha != rank, so a loader that ignored the stored alpha would be caught.
+TRAINED_LORA_RANK, TRAINED_LORA_ALPHA = 4, 8
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """Three DPO steps on the tiny backbone (seed 0) with a large learning rate, so the exported LoRA is clearly
+    non-zero; shared by every test that needs a real training output."""
+    tmp = tmp_path_factory.mktemp("trained_run")
+    run_dir = tmp / "run"
+    proc = run_cli("alignment.run", *FAST_RUN, "trainer.max_steps=3", "method.optimizer.lr=1e-3",
+                   f"method.lora.rank={TRAINED_LORA_RANK}", f"method.lora.alpha={TRAINED_LORA_ALPHA}",
+                   f"hydra.run.dir={run_dir}", env={"ALIGNMENT_DATA_DIR": str(tmp / "data")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def random_lora_dir(tmp_path_factory) -> Path:
+    """A LoRA (rank 4) with non-zero up weights on the tiny backbone, saved the way training exports it."""
+    import torch
+
+    from alignment.backbones.tiny import build_tiny_backbone
+    from alignment.training.lora import add_lora, save_lora
+
+    backbone = build_tiny_backbone()
+    add_lora(backbone.unet, rank=4, alpha=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in backbone.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("lora") / "lora"
+    save_lora(backbone.unet, folder)
+    return folder

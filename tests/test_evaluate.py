@@ -73,24 +73,6 @@ def clip_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory) -> Path:
-    """A LoRA with non-zero up weights on the tiny backbone, saved the way training exports it (a folder)."""
-    from alignment.backbones.tiny import build_tiny_backbone
-    from alignment.training.lora import add_lora, save_lora
-
-    backbone = build_tiny_backbone()
-    add_lora(backbone.unet, rank=4, alpha=4)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in backbone.unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("lora") / "lora"
-    save_lora(backbone.unet, folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
     """Prompt file, Focus-N-Fix mask folder (per prompt and per image masks) and a random LPIPS weight file."""
     from alignment.metrics.change import LPIPS
@@ -140,10 +122,10 @@ class SampleCounter:
         monkeypatch.setattr(sample, "sample_images", counting)
 
 
-def full_overrides(files, clip_folder, lora_dir, image_dir) -> list[str]:
+def full_overrides(files, clip_folder, random_lora_dir, image_dir) -> list[str]:
     return [f"prompts={files['prompts']}", "images_per_prompt=2", "seed=3", "num_inference_steps=2",
             "batch_size=3", "score_batch_size=3", f"image_dir={image_dir}",
-            f"+models.dpo.adapter={lora_dir}", f"+models.half={{adapter: '{lora_dir}', lora_scale: 0.5}}",
+            f"+models.dpo.adapter={random_lora_dir}", f"+models.half={{adapter: '{random_lora_dir}', lora_scale: 0.5}}",
             "scorers=[clip,attributes]", f"scorers.clip.model={clip_folder}",
             f"scorers.attributes.model={clip_folder}", "+scorers.judge._target_=tests.test_evaluate.FakeJudge",
             "metrics.winrate.num_bootstrap=500", "metrics.clip_score=clip",
@@ -155,12 +137,12 @@ def full_overrides(files, clip_folder, lora_dir, image_dir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, files, clip_folder, lora_dir):
+def evaluated(tmp_path_factory, files, clip_folder, random_lora_dir):
     """One in-process evaluation: base, dpo (LoRA), half (the same LoRA at scale 0.5); 2 prompts x 2 seeds."""
     from alignment.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("evaluated")
-    overrides = full_overrides(files, clip_folder, lora_dir, root / "images")
+    overrides = full_overrides(files, clip_folder, random_lora_dir, root / "images")
     summary = evaluate(compose(root / "out", *overrides))
     return {"root": root, "out": root / "out", "images": root / "images", "overrides": overrides,
             "summary": summary, "metrics": json.loads((root / "out" / "metrics.json").read_text())}
@@ -310,13 +292,13 @@ def test_rerun_with_other_metrics_generates_nothing(evaluated, monkeypatch, tmp_
     assert not (tmp_path / "out" / "report.html").exists()
 
 
-def test_cache_regenerates_exactly_what_changed(files, lora_dir, monkeypatch, tmp_path, capsys):
+def test_cache_regenerates_exactly_what_changed(files, random_lora_dir, monkeypatch, tmp_path, capsys):
     from alignment.evaluate import evaluate
 
     image_dir = tmp_path / "images"
     base_args = [f"image_dir={image_dir}", "images_per_prompt=2", "num_inference_steps=2",
                  "metrics.change.enabled=false",
-                 "report.enabled=false", f"+models.dpo.adapter={lora_dir}"]
+                 "report.enabled=false", f"+models.dpo.adapter={random_lora_dir}"]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["a cat", "a dog", "an owl"]) + "\n")
 
@@ -443,12 +425,12 @@ def test_prompt_sources(tmp_path):
         assert len(plan.prompts) == 5 and plan.prompt_source == str(parti)
 
 
-def test_model_names_and_entries(tmp_path, lora_dir):
+def test_model_names_and_entries(tmp_path, random_lora_dir):
     from omegaconf import OmegaConf
 
     from alignment.evaluation.plan import parse_models
 
-    models = parse_models(OmegaConf.create({"base": None, "dpo": str(lora_dir), "x.1": {"adapter": str(lora_dir),
+    models = parse_models(OmegaConf.create({"base": None, "dpo": str(random_lora_dir), "x.1": {"adapter": str(random_lora_dir),
                                                                                          "lora_scale": 0.25}}))
     assert models["base"].adapter is None and models["dpo"].lora_scale == 1.0 and models["x.1"].lora_scale == 0.25
     assert models["dpo"].adapter.name == "pytorch_lora_weights.safetensors"
@@ -456,10 +438,10 @@ def test_model_names_and_entries(tmp_path, lora_dir):
     with pytest.raises(ConfigError, match=r"^models\.a b: a model name may hold only"):
         parse_models(OmegaConf.create({"a b": None}))
     with pytest.raises(ConfigError, match=r"^models\.dpo\.lora_scale must be a number"):
-        parse_models(OmegaConf.create({"dpo": {"adapter": str(lora_dir), "lora_scale": "high"}}))
+        parse_models(OmegaConf.create({"dpo": {"adapter": str(random_lora_dir), "lora_scale": "high"}}))
 
 
-def test_adapter_that_does_not_fit_is_named(tmp_path, lora_dir, monkeypatch):
+def test_adapter_that_does_not_fit_is_named(tmp_path, random_lora_dir, monkeypatch):
     """A LoRA of another architecture fails at load time with the model's key."""
     from alignment.backbones.tiny import build_tiny_backbone
     from alignment.evaluate import evaluate
@@ -503,19 +485,6 @@ def test_cli_error_exit_code(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """Three DPO steps on the tiny backbone with a large learning rate (a real exported LoRA)."""
-    tmp = tmp_path_factory.mktemp("train")
-    run_dir = tmp / "run"
-    proc = subprocess.run([PYTHON, "-m", "alignment.run", "logger=none", "samples.every_n_steps=0",
-                           "trainer.max_steps=3", "method.optimizer.lr=1e-3", f"hydra.run.dir={run_dir}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "ALIGNMENT_DATA_DIR": str(tmp / "data")})
-    assert proc.returncode == 0, proc.stderr
-    return run_dir
-
-
 @pytest.mark.slow
 def test_cli_end_to_end_base_vs_trained_adapter(trained_run, clip_folder, tmp_path):
     prompts = tmp_path / "parti.tsv"

@@ -23,10 +23,11 @@ from PIL import Image
 from alignment import generate as gen
 from alignment.errors import ConfigError, DataError
 from alignment.training.lora import LORA_WEIGHT_NAME, add_lora, save_lora
+from tests.conftest import TRAINED_LORA_ALPHA, TRAINED_LORA_RANK
 
 PYTHON = sys.executable
 PROMPTS = ["a red circle on a white background", "a blue square on a white background"]
-LORA_RANK, LORA_ALPHA = 4, 8
+LORA_RANK, LORA_ALPHA = TRAINED_LORA_RANK, TRAINED_LORA_ALPHA
 
 
 def env(tmp: Path) -> dict:
@@ -57,18 +58,6 @@ def read_index(out_dir: Path) -> list[dict]:
 def error_lines(stderr: str) -> list[str]:
     # transformers prints a torchvision notice on some imports; everything else on stderr must be our one line
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith("[transformers]")]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """Three DPO steps on the tiny backbone (seed 0) with a large learning rate, so the LoRA is clearly non-zero."""
-    tmp = tmp_path_factory.mktemp("train")
-    run_dir = tmp / "run"
-    run_module("alignment.run", ["logger=none", "trainer.max_steps=3", "samples.every_n_steps=0",
-                                 "method.optimizer.lr=1e-3", f"method.lora.rank={LORA_RANK}",
-                                 f"method.lora.alpha={LORA_ALPHA}", f"hydra.run.dir={run_dir}"], tmp)
-    assert (run_dir / "lora" / LORA_WEIGHT_NAME).is_file()
-    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -196,19 +185,10 @@ def test_saved_lora_loads_in_stock_diffusers_and_equals_trained_policy(trained_r
 
 
 # ----------------------------------------------------------------------- lora_scale (fast, in-process LoRA)
-@pytest.fixture(scope="module")
-def random_lora(tmp_path_factory) -> Path:
-    """A LoRA with non-zero up weights on the tiny backbone, saved the way training exports it."""
-    from alignment.backbones.tiny import build_tiny_backbone
-
-    backbone = build_tiny_backbone()
-    add_lora(backbone.unet, rank=4, alpha=4)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in backbone.unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return save_lora(backbone.unet, tmp_path_factory.mktemp("lora") / "lora")
+@pytest.fixture()
+def random_lora(random_lora_dir) -> Path:
+    """The weights file of the shared random LoRA (conftest.random_lora_dir)."""
+    return random_lora_dir / LORA_WEIGHT_NAME
 
 
 def test_lora_scale(random_lora):
