@@ -19,3 +19,20 @@ class DataError(AlignmentError):
 
 class TrainingError(AlignmentError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+def exit_on_error(entry_point):
+    """Decorate an entry point so that an ``AlignmentError`` is printed as ``error: <message>`` on stderr and the
+    process exits with status 2, without a traceback (the message already names the key, file or row)."""
+    import functools
+    import sys
+
+    @functools.wraps(entry_point)
+    def wrapper(*args, **kwargs):
+        try:
+            return entry_point(*args, **kwargs)
+        except AlignmentError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

@@ -31,7 +31,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.errors import AlignmentError
+from alignment.errors import exit_on_error
 from alignment.run import CONF_DIR
 
 CHECKED_GROUPS = ("scorers", "backbone", "logger")
@@ -164,12 +164,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@exit_on_error
 def main(cfg: DictConfig):
-    try:
-        return evaluate(cfg)
-    except AlignmentError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from alignment.errors import AlignmentError, ConfigError, DataError
+from alignment.errors import AlignmentError, ConfigError, DataError, exit_on_error
 from alignment.run import CONF_DIR
 from alignment.training.lora import LORA_WEIGHT_NAME
 
@@ -357,12 +357,9 @@ def generate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+@exit_on_error
 def main(cfg: DictConfig):
-    try:
-        return generate(cfg)
-    except AlignmentError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return generate(cfg)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.errors import AlignmentError, ConfigError
+from alignment.errors import ConfigError, exit_on_error
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -142,12 +142,9 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@exit_on_error
 def main(cfg: DictConfig):
-    try:
-        return train(cfg)
-    except AlignmentError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return train(cfg)
 
 
 if __name__ == "__main__":
