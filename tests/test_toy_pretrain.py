@@ -35,9 +35,9 @@ def test_stopped_and_resumed_equals_straight_through(tmp_path, data_dir):
     script = _script()
     _run(script, tmp_path / "straight", "--export", str(tmp_path / "w_straight"))
     _run(script, tmp_path / "resumed", "--stop-at-step", "2")  # VAE stops at step 2
-    assert not torch.load(str(tmp_path / "resumed" / "vae.pt"), weights_only=False)["done"]
+    assert not torch.load(str(tmp_path / "resumed" / "vae.pt"), weights_only=True)["done"]
     _run(script, tmp_path / "resumed", "--stop-at-step", "2")  # VAE finishes, UNet stops at step 2
-    assert torch.load(str(tmp_path / "resumed" / "unet.pt"), weights_only=False)["step"] == 2
+    assert torch.load(str(tmp_path / "resumed" / "unet.pt"), weights_only=True)["step"] == 2
     _run(script, tmp_path / "resumed", "--export", str(tmp_path / "w_resumed"))
     a = load_file(str(tmp_path / "w_straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "w_resumed" / "model.safetensors"))

@@ -103,7 +103,7 @@ def train_vae(cfg: dict, out: Path, corpus, arch: toyb.ToyArchitecture, stopper:
     opt = torch.optim.AdamW(vae.parameters(), lr=vcfg["lr"], weight_decay=0.0)
     ckpt_path, step = out / "vae.pt", 0
     if ckpt_path.exists():
-        ckpt = torch.load(str(ckpt_path), weights_only=False)
+        ckpt = torch.load(str(ckpt_path), weights_only=True)
         vae.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
@@ -175,7 +175,7 @@ def encode_all(vae, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, to
 
 
 def finished_vae(out: Path, arch: toyb.ToyArchitecture):
-    ckpt = torch.load(str(out / "vae.pt"), weights_only=False)
+    ckpt = torch.load(str(out / "vae.pt"), weights_only=True)
     arch.scaling_factor = float(ckpt["scaling_factor"])
     vae = toyb.build_vae(arch)
     vae.load_state_dict(ckpt["model"])
@@ -260,7 +260,7 @@ def train_unet(cfg: dict, out: Path, corpus, arch: toyb.ToyArchitecture, vae, st
     ema = EMA([unet, text_encoder], ucfg["ema"]) if ucfg["ema"] else None
     ckpt_path, step = out / "unet.pt", 0
     if ckpt_path.exists():
-        ckpt = torch.load(str(ckpt_path), weights_only=False)
+        ckpt = torch.load(str(ckpt_path), weights_only=True)
         unet.load_state_dict(ckpt["unet"])
         text_encoder.load_state_dict(ckpt["text_encoder"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -332,7 +332,7 @@ def load_backbone(out: Path, arch: toyb.ToyArchitecture, use_ema: bool = True):
     vae = finished_vae(out, arch)
     tokenizer = toyb.build_clip_tokenizer()
     text_encoder, unet = toyb.build_text_encoder(arch, tokenizer), toyb.build_unet(arch)
-    ckpt = torch.load(str(out / "unet.pt"), weights_only=False)
+    ckpt = torch.load(str(out / "unet.pt"), weights_only=True)
     unet.load_state_dict(ckpt["unet"])
     text_encoder.load_state_dict(ckpt["text_encoder"])
     if use_ema and "ema" in ckpt:
@@ -346,7 +346,7 @@ def probe_unet(cfg: dict, out: Path, arch: toyb.ToyArchitecture, tag: str = "une
     from alignment.toy.probe import prompt_following
 
     ecfg = cfg["eval"]
-    result = {"step": torch.load(str(out / "unet.pt"), weights_only=False)["step"]}
+    result = {"step": torch.load(str(out / "unet.pt"), weights_only=True)["step"]}
     backbone = load_backbone(out, arch)
     # baseline: the trained VAE with a randomly initialised text encoder + UNet
     random = toyb.assemble(arch, backbone.tokenizer, toyb.build_text_encoder(arch, backbone.tokenizer), backbone.vae,
@@ -365,7 +365,7 @@ def probe_unet(cfg: dict, out: Path, arch: toyb.ToyArchitecture, tag: str = "une
 
 def export(out: Path, arch: toyb.ToyArchitecture, folder: Path, cfg: dict) -> Path:
     backbone = load_backbone(out, arch)
-    arch.extra = {"recipe": cfg, "unet_step": torch.load(str(out / "unet.pt"), weights_only=False)["step"]}
+    arch.extra = {"recipe": cfg, "unet_step": torch.load(str(out / "unet.pt"), weights_only=True)["step"]}
     return toyb.save_weights(folder, arch, backbone.text_encoder, backbone.vae, backbone.unet, backbone.tokenizer)
 
 
@@ -423,7 +423,7 @@ def main(argv=None) -> None:
 
 def finished_arch(out: Path, arch: toyb.ToyArchitecture) -> toyb.ToyArchitecture:
     arch = copy.deepcopy(arch)
-    arch.scaling_factor = float(torch.load(str(out / "vae.pt"), weights_only=False)["scaling_factor"])
+    arch.scaling_factor = float(torch.load(str(out / "vae.pt"), weights_only=True)["scaling_factor"])
     return arch
 
 
