@@ -24,15 +24,30 @@ from alignment.errors import ConfigError, exit_on_error
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def generate_pairs(data: DictConfig) -> str:
+    """``dataset.generate``: a callable (``_target_``, default the synthetic Pick-a-Pic file) called with
+    ``path=dataset.source`` and the node's other keys; it writes the data once and returns the file to read."""
+    from alignment.config import check_keys
+
+    options = OmegaConf.to_container(data.generate, resolve=True)  # resolved in place: keys may point elsewhere
+    options.setdefault("_target_", "alignment.data.synthetic.ensure_synthetic_pairs")
+    make = check_keys(OmegaConf.create(options), "dataset.generate")
+    options.pop("_target_")
+    source = make(path=data.source, **options)
+    if str(source) != str(data.source):
+        print(f"dataset: generated pairs in {source}", file=sys.stderr)
+    return str(source)
+
+
 def build_dataset(cfg: DictConfig):
     from alignment.data.pickapic import PreferencePairs
-    from alignment.data.synthetic import ensure_synthetic_pairs
 
     data = cfg.dataset
+    source = data.source
     if data.get("generate"):
-        ensure_synthetic_pairs(data.source, **OmegaConf.to_container(data.generate, resolve=True))
+        source = generate_pairs(data)
     dataset = PreferencePairs(
-        source=data.source, split=data.split, resolution=data.resolution, center_crop=data.center_crop,
+        source=str(source), split=data.split, resolution=data.resolution, center_crop=data.center_crop,
         random_flip=data.random_flip, ties=data.ties, proportion_empty_prompts=data.proportion_empty_prompts,
         bad_rows=data.bad_rows, check_images=data.check_images, max_rows=data.max_rows, seed=cfg.seed)
     if dataset.skipped_rows:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from alignment.toy import world as W
-from alignment.toy.scorers import (ToyArtifacts, ToyAttributeClassifier, ToyCentring, ToyColour, ToyContrast,
-                                   ToySafety, ToyShape, ToyToxicityJudge)
+from alignment.toy.scorers import (ARTIFACT_PIXELS, ToyArtifacts, ToyAttributeClassifier, ToyCentring, ToyColour,
+                                   ToyContrast, ToySafety, ToyShape, ToyToxicityJudge)
 
 
 def probe_captions(per_kind: int = 12) -> list[str]:
@@ -86,9 +86,6 @@ BIAS_PROMPTS = [W.figure_caption(p) for p in W.PROFESSIONS]
 TOXIC_PROMPTS = [W.figure_caption("doctor", bloody=True), W.figure_caption("nurse", naked=True),
                  W.object_caption("blue", "circle", bloody=True)]
 NEUTRAL_PROMPTS = [W.object_caption(c, s) for c in W.COLOURS for s in W.SHAPES]
-# an image "has an artifact" above this much artifact heat: generated clean images carry ~1 px, the base model's
-# (shrunken) blobs 6–8 px, rendered blobs / patches 15–50 px
-ARTIFACT_PIXELS = 4.0
 
 
 @torch.no_grad()

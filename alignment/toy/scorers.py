@@ -437,5 +437,69 @@ class ToyAttributeClassifier(ToyScorer):
         return self.classify(images, prompts)[:, self.attributes.index(self.target)]
 
 
+# ------------------------------------------------------------------------------------------------ preference
+# an image "has an artifact" above this much artifact heat: generated clean images carry ~1 px, the base model's
+# (shrunken) blobs 6–8 px, rendered blobs / patches 15–50 px
+ARTIFACT_PIXELS = 4.0
+
+
+class ToyPreference(ToyScorer):
+    """The toy world's human rater (the Pick-a-Pic / PickScore analogue that labels toy preference pairs and judges
+    the demo's win rate). What a person asking for the caption would prefer, from the exact scorers:
+
+        preference = match + 0.25 · centred − 0.5 · artifact − unrequested toxicity            (about [−1.5, 1.25])
+
+    - ``match`` ∈ [0, 1]: the mean over what the caption names of toy_colour (the object's / clothes' colour; not for
+      ``naked``), P(named shape) (exp of toy_shape; a figure's shape is "figure"), and for explicit figures P(named
+      gender) and P(named tone) from the attribute classifier;
+    - ``centred`` = exp(−distance of the foreground centroid from the centre / 4 px) (composition);
+    - ``artifact`` = sigmoid(artifact heat − 4 px) (generated clean images carry ~1 px of heat: 0.05; the base
+      model's blobs 6–8 px: 0.9–1; ``ARTIFACT_PIXELS``);
+    - unrequested toxicity: the judge's P(blood) unless the caption says ``bloody``, P(nudity) unless ``naked``.
+
+    Differentiable like its parts. Its terms are the scorers' own definitions, so win rates by toy_preference can be
+    read term by term with ``terms(images, prompts)``."""
+
+    name = "toy_preference"
+    WEIGHTS = {"match": 1.0, "centred": 0.25, "artifact": -0.5, "toxicity": -1.0}
+
+    def __init__(self):
+        super().__init__()
+        self.colour, self.shape, self.centring = ToyColour(), ToyShape(), ToyCentring()
+        self.artifacts, self.judge = ToyArtifacts(), ToyToxicityJudge()
+        self.gender, self.tone = ToyAttributeClassifier("gender"), ToyAttributeClassifier("tone")
+
+    def terms(self, images, prompts) -> dict[str, torch.Tensor]:
+        x = prepare(images).to(self.device)
+        specs = specs_for(prompts, x.shape[0], self.name)
+        dev = x.device
+        colour = self.colour(x, prompts)
+        shape = self.shape(x, prompts).exp()
+        gender_p = self.gender.classify(x)
+        tone_p = self.tone.classify(x)
+        use_colour = torch.tensor([not s.naked for s in specs], device=dev, dtype=x.dtype)
+        use_gender = torch.tensor([s.gender is not None for s in specs], device=dev, dtype=x.dtype)
+        use_tone = torch.tensor([s.tone is not None for s in specs], device=dev, dtype=x.dtype)
+        gender_idx = torch.tensor([W.GENDERS.index(s.gender) if s.gender else 0 for s in specs], device=dev)
+        tone_idx = torch.tensor([list(W.TONES).index(s.tone) if s.tone else 0 for s in specs], device=dev)
+        p_gender = gender_p.gather(1, gender_idx[:, None])[:, 0]
+        p_tone = tone_p.gather(1, tone_idx[:, None])[:, 0]
+        match = ((use_colour * colour + shape + use_gender * p_gender + use_tone * p_tone)
+                 / (use_colour + 1 + use_gender + use_tone))
+        toxic = self.judge.concept_probs(x)
+        wants_blood = torch.tensor([s.bloody for s in specs], device=dev, dtype=x.dtype)
+        wants_nudity = torch.tensor([s.naked for s in specs], device=dev, dtype=x.dtype)
+        return {
+            "match": match,
+            "centred": torch.exp(self.centring(x, prompts) / 4.0),
+            "artifact": torch.sigmoid(-self.artifacts(x, prompts) - ARTIFACT_PIXELS),
+            "toxicity": (1 - wants_blood) * toxic["blood"] + (1 - wants_nudity) * toxic["nudity"],
+        }
+
+    def forward(self, images, prompts):
+        terms = self.terms(images, prompts)
+        return sum(weight * terms[key] for key, weight in self.WEIGHTS.items())
+
+
 SCORERS = {cls.name: cls for cls in (ToyColour, ToyShape, ToyCentring, ToyContrast, ToySafety, ToyArtifacts,
-                                     ToyToxicityJudge, ToyAttributeClassifier)}
+                                     ToyToxicityJudge, ToyAttributeClassifier, ToyPreference)}

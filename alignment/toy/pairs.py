@@ -1,0 +1,225 @@
+"""Toy-world preference pairs in the Pick-a-Pic v2 schema: the base toy model's own samples, labelled by a rater.
+
+Pick-a-Pic pairs are two generations for one prompt with a person's choice. Here both images come from the toy
+backbone (the committed base model, or any ``weights`` folder) for a training caption, at a guidance scale drawn
+from ``guidance_scales`` (the pair shares it, like Pick-a-Pic's pairs share a model setting), and the rater is an
+exact scorer of the world — by default ``toy_preference`` (prompt match, composition, no artifacts, no unrequested
+toxicity). ``label_0`` is 1 / 0 when one image scores higher by more than ``tie_margin``, else 0.5 (a tie, dropped
+by ``dataset.ties=drop``).
+
+Captions are split once, deterministically, into training and held-out captions (``split_captions``): the pairs use
+only ``split="train"`` captions, and the demo's win rate is measured on ``split="heldout"`` ones.
+
+The parquet file holds ``caption, jpg_0, jpg_1, label_0`` (PNG bytes: lossless, the scorers' pixels are the
+trained pixels) plus ``score_0, score_1, guidance_scale, seed_0, seed_1``. ``ensure_toy_pairs(folder, ...)`` writes
+``<folder>/pairs-<hash>.parquet`` (the hash covers every argument and the weights' bytes, so another setting never
+reuses a stale file) and a ``.json`` beside it with the arguments and label statistics; the dataset config calls it
+through ``dataset.generate``. Command line::
+
+    python -m alignment.toy.pairs --out data/generated/toy_pairs --pairs-per-caption 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from alignment.errors import ConfigError
+from alignment.toy import world as W
+
+PAIRS_VERSION = 1  # bump when the way pairs are drawn or labelled changes, so old files are not reused
+SPLITS = ("train", "heldout", "all")
+TOY_PAIRS_SCHEMA = pa.schema([
+    pa.field("caption", pa.string()),
+    pa.field("jpg_0", pa.binary()),
+    pa.field("jpg_1", pa.binary()),
+    pa.field("label_0", pa.float64()),
+    pa.field("score_0", pa.float64()),
+    pa.field("score_1", pa.float64()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("seed_0", pa.int64()),
+    pa.field("seed_1", pa.int64()),
+])
+
+
+def split_captions(heldout_fraction: float = 1 / 3, include_toxic: bool = False,
+                   include_explicit: bool = True) -> tuple[list[str], list[str]]:
+    """(train, heldout) captions of the grammar. Within each kind (object / figure) captions are ordered by a hash
+    of their text and the first ``round(fraction · n)`` are held out: fixed forever, the same on every machine."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ConfigError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    train, heldout = [], []
+    captions = W.all_captions(include_toxic=include_toxic, include_explicit=include_explicit)
+    for kind in ("object", "figure"):
+        group = [c for c in captions if W.parse_caption(c).kind == kind]
+        group.sort(key=lambda c: hashlib.blake2b(c.encode(), digest_size=8).hexdigest())
+        k = int(round(heldout_fraction * len(group)))
+        heldout += sorted(group[:k], key=captions.index)
+        train += sorted(group[k:], key=captions.index)
+    return train, heldout
+
+
+def captions_for(split: str, heldout_fraction: float = 1 / 3, include_toxic: bool = False,
+                 include_explicit: bool = True) -> list[str]:
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    train, heldout = split_captions(heldout_fraction, include_toxic, include_explicit)
+    return {"train": train, "heldout": heldout, "all": train + heldout}[split]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_rater(name: str):
+    from alignment.toy.scorers import SCORERS
+
+    if name not in SCORERS:
+        raise ConfigError(f"dataset.generate.judge: unknown toy scorer {name!r} (one of {', '.join(sorted(SCORERS))})")
+    return SCORERS[name]()
+
+
+@torch.no_grad()
+def build_toy_pair_table(backbone, captions: Sequence[str], pairs_per_caption: int = 16,
+                         guidance_scales: Sequence[float] = (1.0, 3.0), num_inference_steps: int = 20,
+                         seed: int = 0, judge: str = "toy_preference", tie_margin: float = 0.02,
+                         batch_size: int = 128) -> pa.Table:
+    """Sample ``2 · pairs_per_caption`` images per caption and label each consecutive pair with ``judge``.
+
+    Pair ``p`` (over all captions, in order) uses seeds ``seed + 2p`` and ``seed + 2p + 1`` and guidance scale
+    ``guidance_scales[p % len]``: deterministic and independent of ``batch_size``."""
+    from alignment.sampling.sample import sample_images, to_pil
+
+    if pairs_per_caption < 1:
+        raise ConfigError(f"dataset.generate.pairs_per_caption must be >= 1, got {pairs_per_caption}")
+    if not guidance_scales or any(float(g) < 1.0 for g in guidance_scales):
+        raise ConfigError(f"dataset.generate.guidance_scales must be a non-empty list of values >= 1, "
+                          f"got {list(guidance_scales)}")
+    if tie_margin < 0:
+        raise ConfigError(f"dataset.generate.tie_margin must be >= 0, got {tie_margin}")
+    rater = make_rater(judge)
+    pairs = [(caption, p) for caption in captions for p in range(pairs_per_caption)]
+    rows: list[dict] = []
+    # one sampling call per guidance scale (a batch shares it); the rows keep the fixed pair order
+    by_scale: dict[float, list[int]] = {}
+    for index in range(len(pairs)):
+        by_scale.setdefault(float(guidance_scales[index % len(guidance_scales)]), []).append(index)
+    results: dict[int, dict] = {}
+    for scale, indices in by_scale.items():
+        prompts = [pairs[i][0] for i in indices for _ in range(2)]
+        seeds = [seed + 2 * i + k for i in indices for k in range(2)]
+        for start in range(0, len(prompts), batch_size):
+            chunk_prompts, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
+            images = sample_images(backbone, chunk_prompts, chunk_seeds, num_inference_steps, scale)
+            scores = rater(images, chunk_prompts).double().tolist()
+            pixels = [np.asarray(im) for im in to_pil(images)]
+            for j in range(0, len(chunk_prompts), 2):
+                index = indices[(start + j) // 2]
+                s0, s1 = scores[j], scores[j + 1]
+                label = 1.0 if s0 > s1 + tie_margin else 0.0 if s1 > s0 + tie_margin else 0.5
+                results[index] = {
+                    "caption": chunk_prompts[j], "jpg_0": encode_png(pixels[j]), "jpg_1": encode_png(pixels[j + 1]),
+                    "label_0": label, "score_0": s0, "score_1": s1, "guidance_scale": scale,
+                    "seed_0": chunk_seeds[j], "seed_1": chunk_seeds[j + 1]}
+    rows = [results[i] for i in range(len(pairs))]
+    return pa.Table.from_pylist(rows, schema=TOY_PAIRS_SCHEMA)
+
+
+def label_stats(table: pa.Table) -> dict:
+    labels = np.asarray(table.column("label_0").to_pylist())
+    s0 = np.asarray(table.column("score_0").to_pylist())
+    s1 = np.asarray(table.column("score_1").to_pylist())
+    decided = labels != 0.5
+    return {"rows": int(len(labels)), "ties": int((~decided).sum()), "first_wins": int((labels == 1.0).sum()),
+            "mean_score": float(np.concatenate([s0, s1]).mean()) if len(labels) else float("nan"),
+            "mean_gap": float(np.abs(s0 - s1)[decided].mean()) if decided.any() else 0.0}
+
+
+def _weights_digest(weights: str | None) -> tuple[str, str]:
+    from alignment.toy.backbone import MODEL_FILE, WEIGHTS_DIR
+
+    folder = Path(weights).expanduser() if weights else WEIGHTS_DIR
+    file = folder / MODEL_FILE
+    if not file.is_file():
+        raise ConfigError(f"dataset.generate.weights: {folder} holds no {MODEL_FILE}")
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    return str(folder), digest
+
+
+def ensure_toy_pairs(path: str | os.PathLike, weights: str | None = None, split: str = "train",
+                     pairs_per_caption: int = 16, guidance_scales: Sequence[float] = (1.0, 3.0),
+                     num_inference_steps: int = 20, seed: int = 0, judge: str = "toy_preference",
+                     tie_margin: float = 0.02, heldout_fraction: float = 1 / 3, include_explicit: bool = True,
+                     batch_size: int = 128) -> Path:
+    """Return ``<path>/pairs-<hash>.parquet``, generating it first (atomically) when it is missing."""
+    captions = captions_for(split, heldout_fraction, include_explicit=include_explicit)
+    folder_name, digest = _weights_digest(weights)
+    settings = {"version": PAIRS_VERSION, "weights_sha256": digest, "split": split,
+                "pairs_per_caption": int(pairs_per_caption), "guidance_scales": [float(g) for g in guidance_scales],
+                "num_inference_steps": int(num_inference_steps), "seed": int(seed), "judge": judge,
+                "tie_margin": float(tie_margin), "heldout_fraction": float(heldout_fraction),
+                "include_explicit": bool(include_explicit)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(path).expanduser()
+    target = folder / f"pairs-{key}.parquet"
+    if target.exists():
+        return target
+    from alignment.toy.backbone import build_toy_backbone
+
+    backbone = build_toy_backbone(weights=weights)
+    table = build_toy_pair_table(backbone, captions, pairs_per_caption, guidance_scales, num_inference_steps, seed,
+                                 judge, tie_margin, batch_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        pq.write_table(table, tmp)
+        info = {"settings": settings, "weights": folder_name, "captions": len(captions), **label_stats(table)}
+        (folder / f"pairs-{key}.json").write_text(json.dumps(info, indent=1))
+        os.replace(tmp, target)  # last: the parquet's presence marks a complete file
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="data/generated/toy_pairs", help="folder for pairs-<hash>.parquet")
+    parser.add_argument("--weights", default=None, help="toy backbone folder (default: the committed base model)")
+    parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("--pairs-per-caption", type=int, default=16)
+    parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge", default="toy_preference")
+    parser.add_argument("--tie-margin", type=float, default=0.02)
+    args = parser.parse_args(argv)
+    from alignment.errors import AlignmentError
+
+    try:
+        path = ensure_toy_pairs(args.out, args.weights, args.split, args.pairs_per_caption, args.guidance_scales,
+                                args.steps, args.seed, args.judge, args.tie_margin)
+    except AlignmentError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(path)
+    print(path.with_suffix(".json").read_text())
+    return path
+
+
+if __name__ == "__main__":
+    main()
