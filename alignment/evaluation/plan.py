@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from alignment.errors import ConfigError, DataError
+from alignment.metrics.winrate import REDUCTIONS
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a model's name is also its image folder's name
 MODEL_KEYS = ("adapter", "lora_scale")
@@ -241,6 +242,9 @@ def _winrate(node, scorer_names, exclude) -> dict:
     confidence = _number(node.get("confidence", 0.95), f"{key}.confidence")
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"{key}.confidence must be in (0, 1), got {confidence}")
+    reduce = node.get("reduce", "best")
+    if reduce not in REDUCTIONS:
+        raise ConfigError(f"{key}.reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
     chosen = node.get("scorers")
     if chosen is None:
         names = [n for n in scorer_names if n not in exclude]
@@ -251,7 +255,7 @@ def _winrate(node, scorer_names, exclude) -> dict:
             raise ConfigError(f"{key}.scorers must be null or a list of scorer names, got {chosen!r}")
         names = [scorer_name_check(n, f"{key}.scorers", scorer_names) for n in chosen]
     return {"num_bootstrap": int(num_bootstrap), "confidence": confidence,
-            "seed": _int(node.get("seed", 0), f"{key}.seed"), "scorers": names}
+            "seed": _int(node.get("seed", 0), f"{key}.seed"), "scorers": names, "reduce": str(reduce)}
 
 
 def _change(node, prompts, seeds) -> dict:

@@ -81,7 +81,8 @@ def winrate_section(metrics: dict, models: list[str]) -> str:
     if not rows:
         return "<p class=muted>No win rates (they need two models and a win-rate scorer: scorers=[...]).</p>"
     level = round(100 * wr.get("confidence", 0.95))
-    parts = [f"<p class=muted>Cell: win rate of the <b>row</b> model over the <b>column</b> model (best of k images "
+    per_prompt = "best of k images" if wr.get("reduce", "best") == "best" else "mean score of the k images"
+    parts = [f"<p class=muted>Cell: win rate of the <b>row</b> model over the <b>column</b> model ({per_prompt} "
              f"per prompt, ties count half), {level}% bootstrap interval over prompts "
              f"({wr.get('num_bootstrap')} resamples), and wins/ties/losses.</p>"]
     for scorer in wr.get("scorers", []):

@@ -3,7 +3,9 @@
 Protocol (SPEC §6): each model generates ``k`` images per prompt with the same seeds (k = 5 in BalancedDPO,
 k = 1 in HG-DPO); a scorer gives one score per image, so each model has a ``(P, k)`` score matrix per scorer.
 Per prompt, model A's best score is compared with model B's best score: a win counts 1, a tie ½ **[choice]**,
-a loss 0. The win rate of A over B is the mean over prompts, reported with a percentile bootstrap interval
+a loss 0. ``reduce="mean"`` compares the mean over the k images instead (an extension, not a paper protocol: it asks
+"is A better on this prompt across the same seeds" rather than "is A's best image better", and has less variance
+when a method removes bad samples without raising the best one). The win rate of A over B is the mean over prompts, reported with a percentile bootstrap interval
 (prompts resampled with replacement; deterministic for a given seed).
 
 Example::
@@ -19,7 +21,9 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["WinRate", "best_of_k", "prompt_outcomes", "win_rate", "win_rate_table"]
+__all__ = ["REDUCTIONS", "WinRate", "best_of_k", "prompt_outcomes", "win_rate", "win_rate_table"]
+
+REDUCTIONS = ("best", "mean")  # how the k scores of a prompt become one: SPEC §6 best of k, or their mean
 
 _BOOTSTRAP_CHUNK = 256  # bootstrap replicates drawn at a time ...
 _BOOTSTRAP_ELEMENTS = 1 << 22  # ... and at most this many resampled indices at once (memory for large prompt sets)
@@ -66,18 +70,24 @@ def best_of_k(scores) -> torch.Tensor:
     return _as_scores(scores, "scores").max(dim=1).values
 
 
-def prompt_outcomes(scores_a, scores_b) -> torch.Tensor:
+def prompt_outcomes(scores_a, scores_b, reduce: str = "best") -> torch.Tensor:
     """Per-prompt outcome of A vs B (SPEC §6): 1 where A's best > B's best, 0.5 on a tie, 0 otherwise. ``(P,)``.
+    ``reduce="mean"`` compares the per-prompt means of the k scores instead.
 
     Both matrices must have the same shape (paired protocol: same prompts, same seeds, same k).
     """
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
     a = _as_scores(scores_a, "scores_a")
     b = _as_scores(scores_b, "scores_b")
     if a.shape != b.shape:
         raise ValueError(f"scores_a and scores_b must have the same (num_prompts, k) shape, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
-    best_a, best_b = a.max(dim=1).values, b.max(dim=1).values
-    return (best_a > best_b).double() + 0.5 * (best_a == best_b).double()
+    if reduce == "best":
+        per_a, per_b = a.max(dim=1).values, b.max(dim=1).values
+    else:
+        per_a, per_b = a.mean(dim=1), b.mean(dim=1)
+    return (per_a > per_b).double() + 0.5 * (per_a == per_b).double()
 
 
 def _bootstrap_interval(outcomes: torch.Tensor, num_bootstrap: int, seed: int,
@@ -98,7 +108,7 @@ def _bootstrap_interval(outcomes: torch.Tensor, num_bootstrap: int, seed: int,
 
 
 def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
-             confidence: float = 0.95) -> WinRate:
+             confidence: float = 0.95, reduce: str = "best") -> WinRate:
     """Win rate of model A over model B with a percentile bootstrap interval over prompts (SPEC §6).
 
     Args:
@@ -107,6 +117,7 @@ def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
         num_bootstrap: bootstrap replicates (0: no interval, ``low``/``high`` are NaN).
         seed: seed of the resampling generator (same inputs and seed -> same interval).
         confidence: interval mass, in (0, 1).
+        reduce: ``best`` (SPEC §6: best of k per prompt) or ``mean`` (mean of the k scores per prompt).
 
     Raises:
         ValueError: shapes differ (the message names both), empty or non-finite scores, bad arguments.
@@ -115,7 +126,7 @@ def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if num_bootstrap < 0:
         raise ValueError(f"num_bootstrap must be >= 0, got {num_bootstrap}")
-    outcomes = prompt_outcomes(scores_a, scores_b)
+    outcomes = prompt_outcomes(scores_a, scores_b, reduce)
     wins = int((outcomes == 1.0).sum())
     ties = int((outcomes == 0.5).sum())
     n = outcomes.numel()
@@ -128,7 +139,7 @@ def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
 
 
 def win_rate_table(scores: Mapping[str, Mapping[str, object]], num_bootstrap: int = 2000, seed: int = 0,
-                   confidence: float = 0.95) -> list[dict]:
+                   confidence: float = 0.95, reduce: str = "best") -> list[dict]:
     """Win rates of every ordered model pair on every scorer, like the papers' Tables 1–3 (SPEC §6).
 
     Args:
@@ -150,7 +161,7 @@ def win_rate_table(scores: Mapping[str, Mapping[str, object]], num_bootstrap: in
                     continue
                 try:
                     wr = win_rate(sa, scores[model_b][scorer], num_bootstrap=num_bootstrap, seed=seed,
-                                  confidence=confidence)
+                                  confidence=confidence, reduce=reduce)
                 except ValueError as err:
                     raise ValueError(f"{model_a} vs {model_b} on {scorer}: {err}") from None
                 rows.append({"model_a": model_a, "model_b": model_b, "scorer": scorer, **wr.as_dict()})
