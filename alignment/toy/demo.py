@@ -1,0 +1,133 @@
+"""`make demo`: Diffusion-DPO on the toy world, then the aligned model against the base on held-out captions.
+
+Two commands, printed as they run so they can be re-typed with other settings:
+
+1. ``python -m alignment.run experiment=toy_dpo`` — LoRA Diffusion-DPO on the pretrained toy backbone, with pairs
+   of its own samples labelled by the world's rater (``toy_preference``; generated once, ~1 minute);
+2. ``python -m alignment.evaluate backbone=toy scorers=[toy_preference,toy_quality,...] prompts=<held-out>
+   +models.dpo.adapter=<run>`` — the same seeds for both models on the captions training never saw.
+
+Then it prints the win rate of the aligned model over the base (per prompt: mean toy_preference over the same
+``images_per_prompt`` seeds, ties half) with its 95 % bootstrap interval over prompts, the per-term means, and
+where the report, metrics and W&B files are. Usage::
+
+    python -m alignment.toy.demo                          # outputs/demo/<time>/{train,evaluate}
+    python -m alignment.toy.demo --out /tmp/demo method.beta=5000 trainer.max_steps=600   # extra: training overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from alignment.errors import AlignmentError, TrainingError
+
+JUDGE = "toy_preference"
+EVAL_SCORERS = (JUDGE, "toy_colour", "toy_shape", "toy_centring", "toy_artifacts", "toy_safety")
+
+
+def run_step(args: list[str], log: Path) -> None:
+    """Run ``python -m <args>`` with its output going to ``log`` (and to the console when it fails)."""
+    print("$ python -m " + " ".join(args), flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    with open(log, "w") as handle:
+        proc = subprocess.run([sys.executable, "-m", *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        print("\n".join(tail), file=sys.stderr)
+        raise TrainingError(f"{args[0]} failed (exit {proc.returncode}); full log in {log}")
+
+
+def write_heldout_prompts(path: Path) -> list[str]:
+    from alignment.toy.pairs import split_captions
+
+    _, heldout = split_captions()
+    path.write_text("\n".join(heldout) + "\n")
+    return heldout
+
+
+def summarise(eval_dir: Path, train_dir: Path, seconds: dict) -> dict:
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    rows = {(r["model_a"], r["model_b"], r["scorer"]): r for r in metrics["win_rate"]["rows"]}
+    means = metrics["mean_scores"]
+    summary = {
+        "win_rate": rows[("dpo", "base", JUDGE)],
+        "per_scorer": {s: rows[("dpo", "base", s)] for s in EVAL_SCORERS if ("dpo", "base", s) in rows},
+        "mean": {m: {s: v["mean"] for s, v in means[m].items()} for m in ("base", "dpo")},
+        "num_prompts": len(json.loads((eval_dir / "scores.json").read_text())["prompts"]),
+        "images_per_prompt": metrics["config"].get("images_per_prompt"),
+        "train_dir": str(train_dir), "eval_dir": str(eval_dir),
+        "report": str(eval_dir / "report.html"), "metrics": str(eval_dir / "metrics.json"),
+        "wandb": [str(p) for p in (train_dir / "wandb", eval_dir / "wandb") if p.exists()],
+        "seconds": seconds,
+    }
+    return summary
+
+
+def run_demo(out: Path, train_overrides: Sequence[str] = (), eval_overrides: Sequence[str] = (),
+             images_per_prompt: int = 8, logger: str = "wandb") -> dict:
+    """Train, evaluate, and return the summary (also written to ``<out>/summary.json``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    train_dir, eval_dir = out / "train", out / "evaluate"
+    seconds = {}
+    start = time.time()
+    run_step(["alignment.run", "experiment=toy_dpo", f"logger={logger}", "trainer.enable_progress_bar=false",
+              f"hydra.run.dir={train_dir}", *train_overrides], out / "train.log")
+    seconds["train"] = round(time.time() - start, 1)
+    prompts = out / "heldout_prompts.txt"
+    write_heldout_prompts(prompts)
+    start = time.time()
+    run_step(["alignment.evaluate", "backbone=toy", f"scorers=[{','.join(EVAL_SCORERS)}]", f"prompts={prompts}",
+              f"+models.dpo.adapter={train_dir}", f"images_per_prompt={images_per_prompt}", "guidance_scale=3.0",
+              "num_inference_steps=20", "metrics.winrate.reduce=mean", f"logger={logger}",
+              f"hydra.run.dir={eval_dir}", *eval_overrides], out / "evaluate.log")
+    seconds["evaluate"] = round(time.time() - start, 1)
+    summary = summarise(eval_dir, train_dir, seconds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    wr = summary["win_rate"]
+    print()
+    print(f"Toy-world Diffusion-DPO: aligned (LoRA) vs base on {summary['num_prompts']} held-out captions, "
+          f"{summary['images_per_prompt']} seeds each (same seeds for both), CFG 3")
+    print(f"  win rate of the aligned model over the base ({JUDGE}, mean over the seeds per prompt, ties half): "
+          f"{100 * wr['rate']:.1f}%  95% CI [{100 * wr['low']:.1f}, {100 * wr['high']:.1f}]  "
+          f"(W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']})")
+    base, dpo = summary["mean"]["base"], summary["mean"]["dpo"]
+    print("  mean scores, base -> aligned: " + ", ".join(f"{s} {base[s]:.3f} -> {dpo[s]:.3f}" for s in base))
+    print(f"  time: training {summary['seconds']['train']:.0f} s (incl. pair generation on the first run), "
+          f"evaluation {summary['seconds']['evaluate']:.0f} s")
+    print(f"  report:  {summary['report']}")
+    print(f"  metrics: {summary['metrics']}")
+    print(f"  run:     {summary['train_dir']} (LoRA in lora/, per-step metrics in metrics.jsonl, samples/)")
+    if summary["wandb"]:
+        print("  W&B (offline): " + ", ".join(summary["wandb"]) + "   upload: wandb sync <folder>/wandb/offline-run-*")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="output folder (default outputs/demo/<time>)")
+    parser.add_argument("--images-per-prompt", type=int, default=8, help="seeds per held-out caption (default 8)")
+    parser.add_argument("--logger", default="wandb", help="wandb (offline) | csv | none")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for training, e.g. method.beta=5000")
+    args = parser.parse_args(argv)
+    out = Path(args.out or f"outputs/demo/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    try:
+        summary = run_demo(out, args.overrides, images_per_prompt=args.images_per_prompt, logger=args.logger)
+    except AlignmentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
