@@ -369,6 +369,7 @@ def test_fid_and_inception_score_with_inception_weight_file(evaluated, tmp_path)
     (["metrics.fid.enabled=true", "metrics.fid.extractor=scorer:clip"], "metrics.fid.extractor: unknown scorer",
      []),
     (["metrics.winrate.scorers=[pick]"], "metrics.winrate.scorers: unknown scorer 'pick'", []),
+    (["metrics.winrate.reduce=median"], "metrics.winrate.reduce must be one of best, mean, got 'median'", []),
     (["+models.dpo.adapter=/nonexistent/run"], "models.dpo.adapter: /nonexistent/run does not exist", []),
     (["+models.dpo.adaptr=x"], "models.dpo.adaptr: unknown key", ["adapter, lora_scale"]),
     (["prompts=/nonexistent/prompts.tsv"], "prompts: prompt file /nonexistent/prompts.tsv does not exist", []),

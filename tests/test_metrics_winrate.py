@@ -30,6 +30,22 @@ def test_compares_best_of_k_not_means():
     assert win_rate(a, b, num_bootstrap=0).rate == 1.0
 
 
+def test_reduce_mean_compares_the_mean_of_the_k_scores():
+    a = torch.tensor([[0.0, 0.0, 0.0, 0.0, 10.0],    # mean 2, best 10
+                      [4.0, 4.0, 4.0, 4.0, 4.0],     # mean 4 = b's mean: a tie
+                      [1.0, 2.0, 3.0, 4.0, 5.0]])    # mean 3 > 2.8
+    b = torch.tensor([[5.0, 5.0, 5.0, 5.0, 5.0],
+                      [0.0, 8.0, 4.0, 4.0, 4.0],
+                      [0.0, 0.0, 0.0, 9.0, 5.0]])
+    assert prompt_outcomes(a, b, reduce="mean").tolist() == [0.0, 0.5, 1.0]
+    assert prompt_outcomes(a, b).tolist() == [1.0, 0.0, 0.0]  # best of k: 10>5, 4<8, 5<9
+    assert win_rate(a, b, num_bootstrap=0, reduce="mean").rate == pytest.approx(0.5)
+    rows = win_rate_table({"a": {"s": a}, "b": {"s": b}}, num_bootstrap=0, reduce="mean")
+    assert rows[0]["rate"] == pytest.approx(0.5) and rows[1]["rate"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="reduce must be one of best, mean, got 'median'"):
+        win_rate(a, b, reduce="median")
+
+
 def test_identical_inputs_give_exactly_half():
     s = torch.randn(30, 5, generator=torch.Generator().manual_seed(1))
     wr = win_rate(s, s.clone())

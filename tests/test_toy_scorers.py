@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from alignment.toy import world as W
 from alignment.toy.corpus import generate_corpus
 from alignment.toy.scorers import (SHAPE_CLASSES, ToyArtifacts, ToyAttributeClassifier, ToyCentring, ToyColour,
-                                   ToyContrast, ToySafety, ToyShape, ToyToxicityJudge)
+                                   ToyContrast, ToyPreference, ToySafety, ToyShape, ToyToxicityJudge)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 OBJECTS = [W.object_caption(c, s) for c in W.COLOURS for s in W.SHAPES]
@@ -191,8 +192,40 @@ def test_bias_metrics_on_the_corpus_show_the_planted_skew(flawed):
     assert dist_d[0] > 0.7 and dist_n[1] > 0.7
 
 
+def test_preference_ranks_correct_clean_images_first():
+    """The rater's order: a clean render of the caption > the same with a wrong attribute / an artifact / unasked
+    blood; requested blood is not penalised; each term is in its documented range."""
+    rater = ToyPreference()
+    captions = [W.object_caption("blue", "circle"), W.figure_caption("nurse", gender="male", tone="dark"),
+                W.figure_caption("doctor")]
+    clean, prompts, _ = renders(captions, seeds=3)
+    score = rater.score(clean, prompts)
+    assert score.min() > 0.9  # match ~0.9–1 plus a centred bonus
+    terms = rater.terms(clean, prompts)
+    assert terms["match"].min() > 0.85 and terms["artifact"].max() < 0.1 and terms["toxicity"].max() < 0.1
+    # wrong colour / shape / gender: the match term drops
+    wrong = [other_colour(captions[0]), other_shape(captions[0]),
+             W.figure_caption("nurse", gender="female", tone="dark")]
+    x_wrong = W.to_tensor([W.render_caption(c, 0, W.CLEAN_WORLD).image for c in wrong])
+    assert (rater.score(x_wrong, [captions[0], captions[0], captions[1]]) < score[[0, 0, 3]] - 0.15).all()
+
+    def render_with(caption, world):
+        scene = W.sample_scene(np.random.default_rng([5, 0]), world, caption=caption)
+        return W.to_tensor([W.render(scene).image])
+
+    base = W.WorldConfig(p_blood_butcher=0, p_blood_base=0, p_nude_base=0, p_artifact=0, off_centre=0,
+                         p_blood_named=1.0)
+    plain = rater.score(render_with(captions[0], base), captions[:1])
+    blob = rater.score(render_with(captions[0], replace(base, p_artifact=1.0)), captions[:1])
+    assert blob < plain - 0.3
+    bloody_image = render_with(W.object_caption("blue", "circle", bloody=True), base)
+    unasked = rater.score(bloody_image, captions[:1])
+    asked = rater.score(bloody_image, [W.object_caption("blue", "circle", bloody=True)])
+    assert unasked < asked - 0.5
+
+
 @pytest.mark.parametrize("cls", [ToyColour, ToyShape, ToyCentring, ToyContrast, ToySafety, ToyArtifacts,
-                                 ToyToxicityJudge, ToyAttributeClassifier])
+                                 ToyToxicityJudge, ToyAttributeClassifier, ToyPreference])
 def test_gradients_reach_the_pixels(cls):
     scorer = cls()
     assert scorer.differentiable

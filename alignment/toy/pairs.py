@@ -38,7 +38,7 @@ import torch
 from alignment.errors import ConfigError
 from alignment.toy import world as W
 
-PAIRS_VERSION = 1  # bump when the way pairs are drawn or labelled changes, so old files are not reused
+PAIRS_VERSION = 3  # bump when the way pairs are drawn or labelled changes, so old files are not reused
 SPLITS = ("train", "heldout", "all")
 TOY_PAIRS_SCHEMA = pa.schema([
     pa.field("caption", pa.string()),
@@ -126,8 +126,10 @@ def build_toy_pair_table(backbone, captions: Sequence[str], pairs_per_caption: i
         for start in range(0, len(prompts), batch_size):
             chunk_prompts, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
             images = sample_images(backbone, chunk_prompts, chunk_seeds, num_inference_steps, scale)
-            scores = rater(images, chunk_prompts).double().tolist()
             pixels = [np.asarray(im) for im in to_pil(images)]
+            # score the 8-bit pixels that are stored, so the file's labels can be recomputed from the file alone
+            stored = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255.0
+            scores = rater(stored, chunk_prompts).double().tolist()
             for j in range(0, len(chunk_prompts), 2):
                 index = indices[(start + j) // 2]
                 s0, s1 = scores[j], scores[j + 1]
