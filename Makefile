@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast bench bench-gpu clean
+.PHONY: install demo demo-tiny test test-fast bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m alignment.backbones.clip_vocab >/dev/null   # CLIP BPE vocabulary for the offline tiny backbone
 	touch $(STAMP)
 
-demo: install
+demo: install   # toy world: Diffusion-DPO on CPU, then the win rate of the aligned model over the base (~3 min)
+	$(PY) -m alignment.toy.demo
+
+demo-tiny: install   # the 15-second smoke run: 30 DPO steps on the tiny random backbone and synthetic pairs
 	$(PY) -m alignment.run experiment=demo
 
 test: install
