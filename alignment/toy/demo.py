@@ -64,7 +64,8 @@ def summarise(eval_dir: Path, train_dir: Path, seconds: dict) -> dict:
         "images_per_prompt": metrics["config"].get("images_per_prompt"),
         "train_dir": str(train_dir), "eval_dir": str(eval_dir),
         "report": str(eval_dir / "report.html"), "metrics": str(eval_dir / "metrics.json"),
-        "wandb": [str(p) for p in (train_dir / "wandb", eval_dir / "wandb") if p.exists()],
+        "wandb": sorted(str(p) for folder in (train_dir / "wandb", eval_dir / "wandb") if folder.exists()
+                        for p in folder.glob("offline-run-*")),
         "seconds": seconds,
     }
     return summary
@@ -108,8 +109,8 @@ def print_summary(summary: dict) -> None:
     print(f"  report:  {summary['report']}")
     print(f"  metrics: {summary['metrics']}")
     print(f"  run:     {summary['train_dir']} (LoRA in lora/, per-step metrics in metrics.jsonl, samples/)")
-    if summary["wandb"]:
-        print("  W&B (offline): " + ", ".join(summary["wandb"]) + "   upload: wandb sync <folder>/wandb/offline-run-*")
+    for run in summary["wandb"]:
+        print(f"  W&B:     {run} (offline; `wandb sync <that folder>` uploads it)")
 
 
 def main(argv: list[str] | None = None) -> dict:
