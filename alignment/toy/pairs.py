@@ -114,7 +114,6 @@ def build_toy_pair_table(backbone, captions: Sequence[str], pairs_per_caption: i
         raise ConfigError(f"dataset.generate.tie_margin must be >= 0, got {tie_margin}")
     rater = make_rater(judge)
     pairs = [(caption, p) for caption in captions for p in range(pairs_per_caption)]
-    rows: list[dict] = []
     # one sampling call per guidance scale (a batch shares it); the rows keep the fixed pair order
     by_scale: dict[float, list[int]] = {}
     for index in range(len(pairs)):
@@ -138,8 +137,7 @@ def build_toy_pair_table(backbone, captions: Sequence[str], pairs_per_caption: i
                     "caption": chunk_prompts[j], "jpg_0": encode_png(pixels[j]), "jpg_1": encode_png(pixels[j + 1]),
                     "label_0": label, "score_0": s0, "score_1": s1, "guidance_scale": scale,
                     "seed_0": chunk_seeds[j], "seed_1": chunk_seeds[j + 1]}
-    rows = [results[i] for i in range(len(pairs))]
-    return pa.Table.from_pylist(rows, schema=TOY_PAIRS_SCHEMA)
+    return pa.Table.from_pylist([results[i] for i in range(len(pairs))], schema=TOY_PAIRS_SCHEMA)
 
 
 def label_stats(table: pa.Table) -> dict:
