@@ -130,3 +130,8 @@ def test_training_reads_generated_toy_pairs(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: dataset.generate.pairs_per_captio: unknown key")
     assert not (tmp_path / "data2" / "toy_pairs").exists()
+
+
+def test_cli_prints_a_split_for_evaluation(capsys):
+    assert P.main(["--captions", "heldout"]) is None
+    assert capsys.readouterr().out.splitlines() == P.split_captions()[1]

@@ -17,6 +17,7 @@ reuses a stale file) and a ``.json`` beside it with the arguments and label stat
 through ``dataset.generate``. Command line::
 
     python -m alignment.toy.pairs --out data/generated/toy_pairs --pairs-per-caption 16
+    python -m alignment.toy.pairs --captions heldout > heldout.txt     # prompts for alignment.evaluate
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def ensure_toy_pairs(path: str | os.PathLike, weights: str | None = None, split:
     return target
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/generated/toy_pairs", help="folder for pairs-<hash>.parquet")
     parser.add_argument("--weights", default=None, help="toy backbone folder (default: the committed base model)")
@@ -208,7 +209,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", default="toy_preference")
     parser.add_argument("--tie-margin", type=float, default=0.02)
+    parser.add_argument("--captions", choices=SPLITS, default=None,
+                        help="only print this split's captions, one per line (e.g. prompts for alignment.evaluate)")
     args = parser.parse_args(argv)
+    if args.captions:
+        print("\n".join(captions_for(args.captions)))
+        return None
     from alignment.errors import AlignmentError
 
     try:
