@@ -29,7 +29,7 @@ from typing import Sequence
 from alignment.errors import AlignmentError, TrainingError
 
 JUDGE = "toy_preference"
-EVAL_SCORERS = (JUDGE, "toy_colour", "toy_shape", "toy_centring", "toy_artifacts", "toy_safety")
+EVAL_SCORERS = (JUDGE, "toy_colour", "toy_shape", "toy_centring", "toy_contrast", "toy_artifacts", "toy_safety")
 
 
 def run_step(args: list[str], log: Path) -> None:
