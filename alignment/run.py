@@ -92,11 +92,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     ]
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path):
+def trainer_kwargs(cfg: DictConfig) -> dict:
+    """``cfg.trainer`` as Trainer keyword arguments, checked (cheap: run before any data is generated or loaded)."""
     import lightning as L
 
-    from alignment.config import check_keys, instantiate_checked, require_positive_int
-    from alignment.training.checkpointing import AtomicCheckpointIO
+    from alignment.config import check_keys, require_positive_int
 
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     require_positive_int(kwargs.get("max_steps"), "trainer.max_steps")
@@ -106,6 +106,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         raise ConfigError(f"trainer.{unknown[0]}: unknown Trainer argument")
     if isinstance(kwargs.get("strategy"), dict):
         check_keys(cfg.trainer.strategy, "trainer.strategy")
+    return kwargs
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path):
+    import lightning as L
+
+    from alignment.config import instantiate_checked
+    from alignment.training.checkpointing import AtomicCheckpointIO
+
+    kwargs = trainer_kwargs(cfg)
+    if isinstance(kwargs.get("strategy"), dict):
         kwargs["strategy"] = instantiate_checked(cfg.trainer.strategy, "trainer.strategy")
     return L.Trainer(**kwargs, default_root_dir=str(run_dir), logger=build_logger(cfg, run_dir),
                      callbacks=build_callbacks(cfg, run_dir), plugins=[AtomicCheckpointIO()],
@@ -115,7 +126,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
 def train(cfg: DictConfig) -> dict:
     import lightning as L
 
-    from alignment.config import instantiate_checked, require_positive_int, to_plain
+    from alignment.config import check_keys, instantiate_checked, require_positive_int, to_plain
     from alignment.training.checkpointing import resolve_resume
     from alignment.training.datamodule import PairDataModule
     from alignment.training.module import AlignmentModule
@@ -124,8 +135,11 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     require_positive_int(cfg.dataset.batch_size, "dataset.batch_size")
     ckpt_path = resolve_resume(cfg.resume, run_dir)
-    # Cheap checks first: the objective's hyper-parameters and the data, before any model is built.
+    # Cheap checks first: the objective's hyper-parameters, the trainer and backbone keys, then the data (which may
+    # be generated: minutes), before any model is built.
     objective = instantiate_checked(cfg.method.objective, "method.objective")
+    trainer_kwargs(cfg)
+    check_keys(cfg.backbone, "backbone")
     dataset = build_dataset(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = instantiate_checked(cfg.backbone, "backbone")

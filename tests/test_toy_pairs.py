@@ -161,3 +161,16 @@ def test_quality_scorers_disagree_on_pairs_of_base_samples(toy_backbone):
     assert agreement("toy_colour", "toy_centring") < 0.75
     assert agreement("toy_contrast", "toy_preference") < 0.65
     assert agreement("toy_colour", "toy_preference") > agreement("toy_colour", "toy_contrast")
+
+
+def test_demo_reports_a_bad_training_override_in_one_line(tmp_path, capsys, monkeypatch):
+    """A typo in a training override fails before any pair is generated, as one line naming the key."""
+    from alignment.toy import demo
+
+    monkeypatch.setenv("ALIGNMENT_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--out", str(tmp_path / "out"), "--logger", "none", "trainer.max_steps=0"])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: alignment.run: trainer.max_steps must be")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out" / "evaluate").exists()

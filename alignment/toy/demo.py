@@ -39,8 +39,11 @@ def run_step(args: list[str], log: Path) -> None:
     with open(log, "w") as handle:
         proc = subprocess.run([sys.executable, "-m", *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-        print("\n".join(tail), file=sys.stderr)
+        lines = log.read_text(errors="replace").strip().splitlines()
+        errors = [line for line in lines if line.startswith("error: ")]
+        if errors:  # our entry points end with one line naming the key, file or value
+            raise TrainingError(f"{args[0]}: {errors[-1][len('error: '):]} (log: {log})")
+        print("\n".join(lines[-15:]), file=sys.stderr)
         raise TrainingError(f"{args[0]} failed (exit {proc.returncode}); full log in {log}")
 
 
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--logger", default="wandb", help="wandb (offline) | csv | none")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for training, e.g. method.beta=5000")
     args = parser.parse_args(argv)
+    if args.images_per_prompt < 1:
+        parser.exit(2, f"error: --images-per-prompt must be >= 1, got {args.images_per_prompt}\n")
     out = Path(args.out or f"outputs/demo/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     try:
         summary = run_demo(out, args.overrides, images_per_prompt=args.images_per_prompt, logger=args.logger)
