@@ -262,7 +262,7 @@ def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_
     rows = win_rate_table(table_input, num_bootstrap=wr["num_bootstrap"], seed=wr["seed"],
                           confidence=wr["confidence"], reduce=wr["reduce"]) \
         if len(plan.models) > 1 and wr["scorers"] else []
-    metrics["win_rate"] = {"num_bootstrap": wr["num_bootstrap"], "confidence": wr["confidence"],
+    metrics["win_rate"] = {"num_bootstrap": wr["num_bootstrap"], "confidence": wr["confidence"], "seed": wr["seed"],
                            "reduce": wr["reduce"], "scorers": wr["scorers"],
                            "rows": [{k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()}
                                     for row in rows]}

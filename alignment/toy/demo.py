@@ -56,11 +56,19 @@ def write_heldout_prompts(path: Path) -> list[str]:
 
 
 def summarise(eval_dir: Path, train_dir: Path, seconds: dict) -> dict:
+    from alignment.metrics.winrate import win_rate
+
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     rows = {(r["model_a"], r["model_b"], r["scorer"]): r for r in metrics["win_rate"]["rows"]}
     means = metrics["mean_scores"]
+    scores = json.loads((eval_dir / "scores.json").read_text())["scores"]
+    wr = metrics["win_rate"]
+    # SPEC §6's own protocol on the same images, for comparison: best of the k images per prompt
+    best_of_k = win_rate(scores["dpo"][JUDGE], scores["base"][JUDGE], num_bootstrap=wr["num_bootstrap"],
+                         seed=wr["seed"], confidence=wr["confidence"], reduce="best").as_dict()
     summary = {
         "win_rate": rows[("dpo", "base", JUDGE)],
+        "win_rate_best_of_k": best_of_k,
         "per_scorer": {s: rows[("dpo", "base", s)] for s in EVAL_SCORERS if ("dpo", "base", s) in rows},
         "mean": {m: {s: v["mean"] for s, v in means[m].items()} for m in ("base", "dpo")},
         "num_prompts": len(json.loads((eval_dir / "scores.json").read_text())["prompts"]),
@@ -105,6 +113,10 @@ def print_summary(summary: dict) -> None:
     print(f"  win rate of the aligned model over the base ({JUDGE}, mean over the seeds per prompt, ties half): "
           f"{100 * wr['rate']:.1f}%  95% CI [{100 * wr['low']:.1f}, {100 * wr['high']:.1f}]  "
           f"(W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']})")
+    best = summary["win_rate_best_of_k"]
+    print(f"  (SPEC §6 protocol, best of the {summary['images_per_prompt']} images per prompt: {100 * best['rate']:.1f}% "
+          f"[{100 * best['low']:.1f}, {100 * best['high']:.1f}]; the base's best image is often already near the "
+          f"rater's ceiling here, DPO mostly removes its bad samples)")
     base, dpo = summary["mean"]["base"], summary["mean"]["dpo"]
     print("  mean scores, base -> aligned: " + ", ".join(f"{s} {base[s]:.3f} -> {dpo[s]:.3f}" for s in base))
     print(f"  time: training {summary['seconds']['train']:.0f} s (incl. pair generation on the first run), "
