@@ -112,6 +112,7 @@ def test_ensure_writes_once_per_setting(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_training_reads_generated_toy_pairs(tmp_path):
     """dataset=toy_pairs through the CLI: the generate node's _target_ writes the file, training reads it; a
     misspelt generate key is refused by name before anything is sampled."""
