@@ -21,8 +21,6 @@ line, ``error: <key>: ...``, exit status 2, before any model is built.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import sys
@@ -33,41 +31,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignment.errors import exit_on_error
 from alignment.run import CONF_DIR
-
-CHECKED_GROUPS = ("scorers", "backbone", "logger")
-
-
-def check_group_choices(argv: list[str]) -> None:
-    """Hydra reports an unknown config-group option (``scorers=[pickscor]``) as a multi-line message with exit 1;
-    check the choices of the groups above first and report one line, exit 2. Anything this cannot parse (or a
-    custom search path) is left to Hydra."""
-    try:
-        from hydra._internal.utils import get_args_parser
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        with contextlib.redirect_stderr(io.StringIO()):  # argparse's own complaints are Hydra's to print
-            args = get_args_parser().parse_args(argv)
-        if args.config_dir or any("searchpath" in o for o in args.overrides):
-            return
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except BaseException:  # noqa: BLE001 - argparse exits on --help etc.; Hydra will handle it
-        return
-    for override in overrides:
-        group = override.key_or_group
-        if group not in CHECKED_GROUPS or override.package or override.is_delete() or override.is_sweep_override():
-            continue
-        value = override.value()
-        names = value if isinstance(value, list) else [value]
-        folder = Path(CONF_DIR) / group
-        for name in names:
-            if name is None or (isinstance(name, str) and name in ("null", "none") and group != "scorers"):
-                continue
-            if not isinstance(name, str) or not (folder / f"{name}.yaml").is_file():
-                available = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-                print(f"error: {group}: unknown {group} config {name!r} (available in conf/{group}/: {available})",
-                      file=sys.stderr)
-                sys.exit(2)
-
 
 def build_logger(cfg: DictConfig, output_dir: Path):
     """The ``logger`` group's Lightning logger (wandb: offline unless ``logger.offline=false``), or None."""
@@ -171,5 +134,7 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:])
+    from alignment.cli import check_overrides
+
+    check_overrides(sys.argv[1:], "evaluate")
     main()

@@ -363,4 +363,7 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from alignment.cli import check_overrides
+
+    check_overrides(sys.argv[1:], "generate")
     main()

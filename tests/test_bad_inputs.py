@@ -76,19 +76,27 @@ def test_bad_values(tmp_path, data_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, expected", [
-    (("method.bta=1",), "method.bta"),                 # Hydra: key not in the config
-    (("method=nope",), "method/nope"),                 # Hydra: unknown group option
+    (("method.bta=1",), "error: method.bta: not a key of the config"),   # checked before Hydra starts
+    (("method=nope",), "error: method: unknown method config 'nope' (available in conf/method/: dpo, sft)"),
     (("method.beta=-5",), "error: method.beta must be > 0, got -5"),
     (("dataset.source=/no/such.parquet", "dataset.generate=null"), "error: dataset.source: /no/such.parquet"),
 ])
 def test_cli_prints_one_line_without_traceback(tmp_path, data_dir, overrides, expected):
     proc = run_cli("alignment.run", *FAST_RUN, *overrides, f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
-    if expected.startswith("error:"):
-        assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-            next(line for line in proc.stderr.splitlines() if expected in line)]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        next(line for line in proc.stderr.splitlines() if expected in line)]
+
+
+def test_misspelt_key_in_a_sweep_is_one_line(tmp_path, data_dir):
+    proc = run_cli("alignment.run", "-m", *FAST_RUN, "method.beta=1,2", "trainer.max_stepz=3",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: trainer.max_stepz: not a key of the config (a new key needs a '+': +trainer.max_stepz=...)"]
+    assert not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.slow

@@ -463,15 +463,31 @@ def _one_error_line(stderr: str) -> str:
 
 
 def test_unknown_scorer_config_is_one_line(capsys):
-    from alignment.evaluate import check_group_choices
+    from alignment.cli import check_overrides
 
     with pytest.raises(SystemExit) as exit_info:
-        check_group_choices(["scorers=[clip,pickscor]", "max_prompts=2"])
+        check_overrides(["scorers=[clip,pickscor]", "max_prompts=2"], "evaluate")
     assert exit_info.value.code == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith("error: scorers: unknown scorers config 'pickscor'") and "pickscore" in line
-    check_group_choices(["scorers=[clip,pickscore]", "backbone=tiny", "logger=wandb"])  # known: no exit
-    check_group_choices(["-m", "scorers=clip,pickscore"])  # sweeps are left to Hydra
+    check_overrides(["scorers=[clip,pickscore]", "backbone=tiny", "logger=wandb"], "evaluate")  # known: no exit
+    check_overrides(["-m", "scorers=clip,pickscore"], "evaluate")  # a sweep over known options
+    with pytest.raises(SystemExit):
+        check_overrides(["-m", "scorers=clip,pickscor"], "evaluate")  # each swept option is checked
+    assert "unknown scorers config 'pickscor'" in capsys.readouterr().err
+
+
+def test_misspelt_key_is_one_line(capsys):
+    from alignment.cli import check_overrides
+
+    for argv, start in ((["max_promts=2"], "error: max_promts: not a key of the config (a new key needs a '+'"),
+                        (["+images_per_prompt=2"], "error: images_per_prompt: already in the config"),
+                        (["metrics.winrate.reduc=mean"], "error: metrics.winrate.reduc: not a key")):
+        with pytest.raises(SystemExit) as exit_info:
+            check_overrides(argv, "evaluate")
+        assert exit_info.value.code == 2
+        assert _one_error_line(capsys.readouterr().err).startswith(start)
+    check_overrides(["+models.dpo.adapter=/some/run", "hydra.run.dir=/tmp/x"], "evaluate")  # valid: no exit
 
 
 def test_cli_error_exit_code(tmp_path):
