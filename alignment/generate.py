@@ -30,6 +30,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from alignment.errors import AlignmentError, ConfigError, DataError, exit_on_error
+from alignment.files import atomic_write, atomic_write_text
 from alignment.run import CONF_DIR
 from alignment.training.lora import LORA_WEIGHT_NAME
 
@@ -262,23 +263,11 @@ def load_adapter(backbone, weights: str | Path, scale: float = 1.0, adapter_name
 
 
 # ---------------------------------------------------------------------------------------------------- output
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_png(image, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def save_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+save_text = atomic_write_text  # (text, path): reports, manifests, index.jsonl
 
 
 # ---------------------------------------------------------------------------------------------------- main

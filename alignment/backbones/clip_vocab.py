@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from alignment.errors import ConfigError
+from alignment.files import atomic_write_bytes
 
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP keeps the first 49152 - 256 - 2 merges of the file (the rest are unused); with 2 * 256 byte tokens and
@@ -52,10 +53,7 @@ def fetch_clip_bpe(force: bool = False) -> Path:
             raise ConfigError(f"pip download open_clip_torch produced no wheel in {tmp}")
         with zipfile.ZipFile(wheels[-1]) as wheel:
             data = wheel.read(f"open_clip/{BPE_FILENAME}")
-    partial = target.with_suffix(".partial")
-    partial.write_bytes(data)
-    os.replace(partial, target)  # atomic: a concurrent reader never sees half a file
-    return target
+    return atomic_write_bytes(data, target)  # a concurrent reader never sees half a file
 
 
 def _bytes_to_unicode() -> dict[int, str]:

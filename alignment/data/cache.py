@@ -48,7 +48,6 @@ import re
 import shutil
 import sys
 import time
-import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset
 from alignment.data.images import PairTransform
 from alignment.data.pickapic import collate_pairs, resolve_key, sample_seed
 from alignment.errors import ConfigError
+from alignment.files import atomic_write, atomic_write_text
 
 CACHE_FORMAT = 2
 MANIFEST_NAME = "manifest.json"
@@ -195,28 +195,7 @@ def _folder_for(key: str, backbone, data_cfg) -> Path:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)), fsync=True)
 
 
 def _read_manifest(folder: Path, key: str) -> dict | None:
@@ -373,7 +352,7 @@ def _build(folder: Path, key: str, fields: dict, dataset, backbone, data_cfg, ba
         "cond": cond_shapes, "files": {name: (folder / name).stat().st_size for name in files},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(time.monotonic() - start_time, 3),
     }
-    _atomic_write_text(json.dumps(manifest, indent=1), folder / MANIFEST_NAME)  # last: marks the cache complete
+    atomic_write_text(json.dumps(manifest, indent=1), folder / MANIFEST_NAME, fsync=True)  # last: marks the cache complete
     _log(f"wrote {folder} ({n_items} pairs, {len(unique)} prompts) in {time.monotonic() - start_time:.1f}s")
     return manifest
 

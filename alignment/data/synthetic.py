@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from alignment.errors import AlignmentError, ConfigError
+from alignment.files import atomic_write
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -180,17 +180,8 @@ def make_synthetic_pairs(
     The file is written to a temporary file in the same folder and moved into place with :func:`os.replace`, so
     processes that generate the same file at the same time never see a partial file.
     """
-    path = Path(path).expanduser()
     table = build_synthetic_table(num_rows, image_size, seed, num_ties, num_corrupt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        pq.write_table(table, tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-    return path
+    return atomic_write(Path(path).expanduser(), lambda tmp: pq.write_table(table, tmp))
 
 
 def ensure_synthetic_pairs(path: str | os.PathLike, **kwargs) -> Path:

@@ -148,18 +148,17 @@ def state_to_save(text_encoder, vae, unet, token_ids: list[int]) -> dict[str, to
 
 def save_weights(folder: str | Path, arch: ToyArchitecture, text_encoder, vae, unet, tokenizer) -> Path:
     """Write config.json + model.safetensors (atomically) into ``folder``."""
-    import os
-
     from safetensors.torch import save_file
+
+    from alignment.files import atomic_write, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arch.scaling_factor = float(vae.config.scaling_factor)
     state = state_to_save(text_encoder, vae, unet, world_token_ids(tokenizer))
-    tmp = folder / (MODEL_FILE + ".partial")
-    save_file(state, str(tmp), metadata={"format": "pt", "kind": "alignment-toy-backbone"})
-    (folder / CONFIG_FILE).write_text(json.dumps(arch.to_dict(), indent=1) + "\n")
-    os.replace(tmp, folder / MODEL_FILE)
+    atomic_write_text(json.dumps(arch.to_dict(), indent=1) + "\n", folder / CONFIG_FILE)
+    atomic_write(folder / MODEL_FILE,
+                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "kind": "alignment-toy-backbone"}))
     return folder
 
 

@@ -87,12 +87,13 @@ def save_corpus(corpus: Corpus, folder: Path, world: WorldConfig) -> Path:
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "images.safetensors.partial"
-    save_file({"images": corpus.images, "masks": corpus.mask_bits}, str(tmp))
-    pq.write_table(pa.Table.from_pylist(corpus.scenes), str(folder / "scenes.parquet"))
-    (folder / "world.json").write_text(json.dumps(world.to_dict(), indent=1, sort_keys=True))
-    os.replace(tmp, folder / "images.safetensors")  # written last: its presence marks a complete corpus
+    from alignment.files import atomic_write, atomic_write_text
+
+    atomic_write(folder / "scenes.parquet", lambda tmp: pq.write_table(pa.Table.from_pylist(corpus.scenes), str(tmp)))
+    atomic_write_text(json.dumps(world.to_dict(), indent=1, sort_keys=True), folder / "world.json")
+    # written last: its presence marks a complete corpus
+    atomic_write(folder / "images.safetensors",
+                 lambda tmp: save_file({"images": corpus.images, "masks": corpus.mask_bits}, str(tmp)))
     return folder
 
 

@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from alignment.errors import ConfigError
+from alignment.files import atomic_write, atomic_write_text
 from alignment.toy import world as W
 
 PAIRS_VERSION = 3  # bump when the way pairs are drawn or labelled changes, so old files are not reused
@@ -185,17 +185,9 @@ def ensure_toy_pairs(path: str | os.PathLike, weights: str | None = None, split:
     backbone = build_toy_backbone(weights=weights)
     table = build_toy_pair_table(backbone, captions, pairs_per_caption, guidance_scales, num_inference_steps, seed,
                                  judge, tie_margin, batch_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        pq.write_table(table, tmp)
-        info = {"settings": settings, "weights": folder_name, "captions": len(captions), **label_stats(table)}
-        (folder / f"pairs-{key}.json").write_text(json.dumps(info, indent=1))
-        os.replace(tmp, target)  # last: the parquet's presence marks a complete file
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    info = {"settings": settings, "weights": folder_name, "captions": len(captions), **label_stats(table)}
+    atomic_write_text(json.dumps(info, indent=1), folder / f"pairs-{key}.json")
+    return atomic_write(target, lambda tmp: pq.write_table(table, tmp))  # last: its presence marks a complete file
 
 
 def main(argv: list[str] | None = None) -> Path | None:

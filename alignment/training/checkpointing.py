@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from alignment.errors import ConfigError
+from alignment.files import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes to ``<name>.tmp``, fsyncs, then renames over the target: a run killed mid-write keeps the previous
+    """Writes a temporary file, fsyncs, then renames over the target (``alignment.files.atomic_write``): a run killed mid-write keeps the previous
     checkpoint intact. Loads with ``weights_only=True`` (no arbitrary unpickling)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
                 torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(path, write, fsync=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)

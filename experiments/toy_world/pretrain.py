@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from alignment.files import atomic_write  # noqa: E402
 from alignment.toy import backbone as toyb  # noqa: E402
 from alignment.toy.corpus import get_corpus  # noqa: E402
 
@@ -58,9 +58,7 @@ def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".partial")
-    torch.save(obj, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, str(tmp)))
 
 
 class Stopper:
