@@ -1,4 +1,7 @@
-"""One-line errors for bad command-line overrides, before Hydra starts.
+"""The command-line entry points' shared wrapper: ``@entry_point("config")`` = Hydra's main on ``conf/`` + one-line
+errors (``exit_on_error``) + the override check below, run before Hydra starts.
+
+One-line errors for bad command-line overrides:
 
 Hydra reports an unknown config-group option (``method=nope``) or a key that is not in the config
 (``method.bta=1``) as a multi-line message with exit status 1. The entry points (``alignment.run``,
@@ -11,12 +14,34 @@ or a custom config path / search path, is left to Hydra.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def entry_point(config_name: str):
+    """Decorate ``fn(cfg)`` into the ``main()`` of ``python -m alignment.<module>``: overrides are checked
+    (``check_overrides``), then Hydra composes ``conf/<config_name>.yaml`` and calls ``fn``; an ``AlignmentError``
+    becomes ``error: <message>``, exit status 2."""
+    import hydra
+
+    from alignment.errors import exit_on_error
+
+    def decorate(fn):
+        hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(exit_on_error(fn))
+
+        @functools.wraps(fn)
+        def main():
+            check_overrides(sys.argv[1:], config_name)
+            return hydra_main()
+
+        return main
+
+    return decorate
 
 
 def _parse(argv: list[str]):
@@ -34,7 +59,7 @@ def group_choice_error(override) -> str | None:
     """The one-line message for ``group=<option>`` (or a sweep over options) naming an option that has no
     conf/<group>/<option>.yaml."""
     group = override.key_or_group
-    folder = CONF_DIR / group
+    folder = Path(CONF_DIR) / group
     if group == "hydra" or "/" in group or not folder.is_dir() or override.package or override.is_delete():
         return None
     if override.is_sweep_override():
@@ -100,7 +125,7 @@ def check_overrides(argv: list[str], config_name: str) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     try:
-        with contextlib.redirect_stderr(io.StringIO()), initialize_config_dir(config_dir=str(CONF_DIR),
+        with contextlib.redirect_stderr(io.StringIO()), initialize_config_dir(config_dir=CONF_DIR,
                                                                               version_base="1.3"):
             compose(config_name=config_name, overrides=single)
     except Exception as error:  # noqa: BLE001 - every composition failure becomes one line

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.errors import exit_on_error
-from alignment.run import CONF_DIR
+from alignment.cli import entry_point
 
 def build_logger(cfg: DictConfig, output_dir: Path):
     """The ``logger`` group's Lightning logger (wandb: offline unless ``logger.offline=false``), or None."""
@@ -127,14 +124,10 @@ def evaluate(cfg: DictConfig) -> dict:
             "report": str(report_path) if report_path else None, "generated": generated, "reused": reused}
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-@exit_on_error
+@entry_point("evaluate")
 def main(cfg: DictConfig):
     return evaluate(cfg)
 
 
 if __name__ == "__main__":
-    from alignment.cli import check_overrides
-
-    check_overrides(sys.argv[1:], "evaluate")
     main()

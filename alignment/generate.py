@@ -26,12 +26,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, ListConfig
 
-from alignment.errors import AlignmentError, ConfigError, DataError, exit_on_error
+from alignment.cli import entry_point
+from alignment.errors import AlignmentError, ConfigError, DataError
 from alignment.files import atomic_write, atomic_write_text
-from alignment.run import CONF_DIR
 from alignment.training.lora import LORA_WEIGHT_NAME
 
 ADAPTER_NAME = "lora"
@@ -345,14 +344,10 @@ def generate(cfg: DictConfig) -> dict:
             "grid": str(grid_path) if grid_images else None}
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
-@exit_on_error
+@entry_point("generate")
 def main(cfg: DictConfig):
     return generate(cfg)
 
 
 if __name__ == "__main__":
-    from alignment.cli import check_overrides
-
-    check_overrides(sys.argv[1:], "generate")
     main()

@@ -16,13 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.errors import ConfigError, exit_on_error
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
+from alignment.cli import entry_point
+from alignment.errors import ConfigError
 
 def generate_pairs(data: DictConfig) -> str:
     """``dataset.generate``: a callable (``_target_``, default the synthetic Pick-a-Pic file) called with
@@ -170,14 +167,10 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-@exit_on_error
+@entry_point("config")
 def main(cfg: DictConfig):
     return train(cfg)
 
 
 if __name__ == "__main__":
-    from alignment.cli import check_overrides
-
-    check_overrides(sys.argv[1:], "config")
     main()

@@ -71,7 +71,7 @@ def bare_dpo_step(backbone, unet, latents_w, latents_l, cond, timesteps, noise, 
 def compose(overrides: list[str], output_dir: Path):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from alignment.run import CONF_DIR
+    from alignment.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="config", overrides=[*overrides, f"output_dir={output_dir}"])

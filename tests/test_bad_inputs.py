@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 
 from alignment.data.synthetic import make_synthetic_pairs
 from alignment.errors import AlignmentError
-from alignment.run import CONF_DIR, train
+from alignment.cli import CONF_DIR
+from alignment.run import train
 from tests.conftest import FAST_RUN, run_cli
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from alignment.errors import ConfigError, DataError
-from alignment.run import CONF_DIR
+from alignment.cli import CONF_DIR
 from alignment.scorers.base import Scorer, images_to_tensor
 from alignment.scorers.toxicity import ToxicityJudge
 

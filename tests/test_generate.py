@@ -212,7 +212,7 @@ def test_lora_scale(random_lora):
 def test_rerun_into_same_folder_replaces_stale_files(random_lora, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from alignment.run import CONF_DIR
+    from alignment.cli import CONF_DIR
 
     out = tmp_path / "images"
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
@@ -235,7 +235,7 @@ def test_sd15_backbone_from_a_saved_folder_gives_the_same_images(random_lora, tm
     from hydra import compose, initialize_config_dir
 
     from alignment.backbones.tiny import build_tiny_backbone
-    from alignment.run import CONF_DIR
+    from alignment.cli import CONF_DIR
 
     build_tiny_backbone().save_pretrained(tmp_path / "tiny_sd")
     common = ["prompt=a red circle", "seeds=[0,1]", "num_inference_steps=2", "grid=false", f"adapter={random_lora}"]

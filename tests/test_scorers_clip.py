@@ -366,7 +366,7 @@ def test_missing_paths_are_one_line_config_errors(tmp_path, clip_model, tokenize
 def test_hydra_configs_compose_and_build(clip_folder):
     from hydra import compose, initialize_config_dir
 
-    from alignment.run import CONF_DIR
+    from alignment.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from alignment.cli import CONF_DIR
 from alignment.errors import ConfigError
 from alignment.toy import backbone as toyb
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from alignment.cli import CONF_DIR
 from alignment.toy import world as W
 from alignment.toy.corpus import generate_corpus
 from alignment.toy.scorers import (SHAPE_CLASSES, ToyArtifacts, ToyAttributeClassifier, ToyCentring, ToyColour,
                                    ToyContrast, ToyPreference, ToySafety, ToyShape, ToyToxicityJudge)
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 OBJECTS = [W.object_caption(c, s) for c in W.COLOURS for s in W.SHAPES]
 FIGURES = [W.figure_caption(p) for p in W.PROFESSIONS]
 

@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from alignment.errors import ConfigError
-from alignment.run import CONF_DIR
+from alignment.cli import CONF_DIR
 from alignment.training.checkpointing import AtomicCheckpointIO, resolve_resume
 
 
