@@ -113,7 +113,8 @@ def evaluate(cfg: DictConfig) -> dict:
     for row in metrics["win_rate"]["rows"]:
         interval = (f" [{100 * row['low']:.1f}, {100 * row['high']:.1f}]" if row["low"] is not None
                     and row["high"] is not None else "")
-        print(f"win rate ({row['scorer']}, {per_prompt}): {row['model_a']} over {row['model_b']} {100 * row['rate']:.1f}%"
+        print(f"win rate ({row['scorer']}, {per_prompt}): {row['model_a']} over {row['model_b']} "
+              f"{100 * row['rate']:.1f}%"
               f"{interval} (W/T/L {row['wins']}/{row['ties']}/{row['losses']} of {row['num_prompts']} prompts)")
     generated = sum(c["generated"] for c in counts.values())
     reused = sum(c["reused"] for c in counts.values())

@@ -3,10 +3,11 @@
 Protocol (SPEC §6): each model generates ``k`` images per prompt with the same seeds (k = 5 in BalancedDPO,
 k = 1 in HG-DPO); a scorer gives one score per image, so each model has a ``(P, k)`` score matrix per scorer.
 Per prompt, model A's best score is compared with model B's best score: a win counts 1, a tie ½ **[choice]**,
-a loss 0. ``reduce="mean"`` compares the mean over the k images instead (an extension, not a paper protocol: it asks
-"is A better on this prompt across the same seeds" rather than "is A's best image better", and has less variance
-when a method removes bad samples without raising the best one). The win rate of A over B is the mean over prompts, reported with a percentile bootstrap interval
-(prompts resampled with replacement; deterministic for a given seed).
+a loss 0. ``reduce="mean"`` compares the mean over the k images instead (an extension, not a paper protocol: it
+asks "is A better on this prompt across the same seeds" rather than "is A's best image better", and has less
+variance when a method removes bad samples without raising the best one). The win rate of A over B is the mean
+over prompts, reported with a percentile bootstrap interval (prompts resampled with replacement; deterministic for
+a given seed).
 
 Example::
 

@@ -61,17 +61,18 @@ def summarise(eval_dir: Path, train_dir: Path, seconds: dict) -> dict:
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     rows = {(r["model_a"], r["model_b"], r["scorer"]): r for r in metrics["win_rate"]["rows"]}
     means = metrics["mean_scores"]
-    scores = json.loads((eval_dir / "scores.json").read_text())["scores"]
+    per_image = json.loads((eval_dir / "scores.json").read_text())
+    scores = per_image["scores"]
     wr = metrics["win_rate"]
     # SPEC §6's own protocol on the same images, for comparison: best of the k images per prompt
     best_of_k = win_rate(scores["dpo"][JUDGE], scores["base"][JUDGE], num_bootstrap=wr["num_bootstrap"],
                          seed=wr["seed"], confidence=wr["confidence"], reduce="best").as_dict()
-    summary = {
+    return {
         "win_rate": rows[("dpo", "base", JUDGE)],
         "win_rate_best_of_k": best_of_k,
         "per_scorer": {s: rows[("dpo", "base", s)] for s in EVAL_SCORERS if ("dpo", "base", s) in rows},
         "mean": {m: {s: v["mean"] for s, v in means[m].items()} for m in ("base", "dpo")},
-        "num_prompts": len(json.loads((eval_dir / "scores.json").read_text())["prompts"]),
+        "num_prompts": len(per_image["prompts"]),
         "images_per_prompt": metrics["config"].get("images_per_prompt"),
         "train_dir": str(train_dir), "eval_dir": str(eval_dir),
         "report": str(eval_dir / "report.html"), "metrics": str(eval_dir / "metrics.json"),
@@ -79,7 +80,6 @@ def summarise(eval_dir: Path, train_dir: Path, seconds: dict) -> dict:
                         for p in folder.glob("offline-run-*")),
         "seconds": seconds,
     }
-    return summary
 
 
 def run_demo(out: Path, train_overrides: Sequence[str] = (), eval_overrides: Sequence[str] = (),
@@ -114,7 +114,8 @@ def print_summary(summary: dict) -> None:
           f"{100 * wr['rate']:.1f}%  95% CI [{100 * wr['low']:.1f}, {100 * wr['high']:.1f}]  "
           f"(W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']})")
     best = summary["win_rate_best_of_k"]
-    print(f"  (SPEC §6 protocol, best of the {summary['images_per_prompt']} images per prompt: {100 * best['rate']:.1f}% "
+    print(f"  (SPEC §6 protocol, best of the {summary['images_per_prompt']} images per prompt: "
+          f"{100 * best['rate']:.1f}% "
           f"[{100 * best['low']:.1f}, {100 * best['high']:.1f}]; the base's best image is often already near the "
           f"rater's ceiling here, DPO mostly removes its bad samples)")
     base, dpo = summary["mean"]["base"], summary["mean"]["dpo"]

@@ -457,7 +457,7 @@ class ToyPreference(ToyScorer):
     """The toy world's human rater (the Pick-a-Pic / PickScore analogue that labels toy preference pairs and judges
     the demo's win rate). What a person asking for the caption would prefer, from the exact scorers:
 
-        preference = match + 0.25 · centred − 0.5 · artifact − unrequested toxicity            (about [−1.5, 1.25])
+        preference = match + 0.25 · centred − 0.5 · artifact − unrequested toxicity       (about [−1.5, 1.25])
 
     - ``match`` ∈ [0, 1]: the mean over what the caption names of toy_colour (the object's / clothes' colour; not for
       ``naked``), P(named shape) (exp of toy_shape; a figure's shape is "figure"), and for explicit figures P(named
