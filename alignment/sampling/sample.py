@@ -8,39 +8,80 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler
+from torch.utils.checkpoint import checkpoint
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def seed_latents(backbone, seeds: list[int]) -> torch.Tensor:
+    """Unscaled start noise for ``seeds`` on the backbone's device and UNet dtype; one seed gives the same start for
+    every sampler (``sample_images`` and ``alignment.sampling.grad.sample_with_grad``) and every model compared."""
+    return initial_latents(seeds, backbone.latent_shape).to(backbone.device, backbone.unet.dtype)
+
+
+def guidance_conditioning(cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None,
+                          guidance_scale: float) -> dict[str, torch.Tensor]:
+    """The conditioning of one guided UNet call: ``uncond‖cond`` along the batch with CFG, ``cond`` alone without
+    (``guidance_scale == 1``), so the guided pair runs as one batched call (docs/sampling.md)."""
+    if guidance_scale == 1.0:
+        return cond
+    return {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+
+
+def guided_prediction(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                      guidance_scale: float, unet=None) -> torch.Tensor:
+    """The model output at step ``t`` with classifier-free guidance: ``ε_u + s · (ε_c − ε_u)``.
+
+    ``cond`` comes from ``guidance_conditioning`` (already ``uncond‖cond`` with CFG); ``unet`` defaults to the policy.
+    Pure function of its inputs (no scheduler state is changed), so it can be recomputed by activation checkpointing.
+    """
+    use_cfg = guidance_scale != 1.0
+    model_in = torch.cat([latents, latents]) if use_cfg else latents
+    model_in = scheduler.scale_model_input(model_in, t)
+    pred = backbone.unet_forward(model_in, t.expand(model_in.shape[0]).to(backbone.device), cond, unet=unet)
+    if use_cfg:
+        pred_uncond, pred_text = pred.chunk(2)
+        pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
+    return pred
+
+
+def guided_step(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                guidance_scale: float, eta: float = 0.0, unet=None, checkpointing: bool = False):
+    """One denoising step: the guided prediction, then ``scheduler.step``; returns the scheduler's output
+    (``prev_sample``, and ``pred_original_sample`` for DDIM). Shared by ``sample_images`` and the gradient sampler.
+
+    ``checkpointing=True`` wraps the UNet call (the whole CFG pair) in non-reentrant activation checkpointing when
+    autograd is recording, so its activations are recomputed in the backward pass instead of kept (docs/sampling.md).
+    """
+    if checkpointing and torch.is_grad_enabled():
+        pred = checkpoint(guided_prediction, backbone, scheduler, latents, t, cond, guidance_scale, unet,
+                          use_reentrant=False)
+    else:
+        pred = guided_prediction(backbone, scheduler, latents, t, cond, guidance_scale, unet)
+    return scheduler.step(pred, t, latents, eta=eta)
+
+
 @torch.no_grad()
 def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 30,
                   guidance_scale: float = 7.5, eta: float = 0.0, negative_prompt: str = "",
-                  scheduler=None) -> torch.Tensor:
+                  scheduler=None, unet=None) -> torch.Tensor:
     """Generate one image per (prompt, seed); returns float pixels in [0, 1], shape (N, 3, H, W).
 
     DDIM by default (a fresh copy of the backbone's sampling scheduler, so concurrent calls never share state).
+    ``unet`` defaults to the policy UNet (e.g. pass the one ``backbone.reference_unet()`` yields).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     scheduler = scheduler or DDIMScheduler.from_config(backbone.sample_scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=backbone.device)
-    device, dtype = backbone.device, backbone.unet.dtype
     cond = backbone.encode_prompt(list(prompts))
-    use_cfg = guidance_scale != 1.0
-    if use_cfg:
-        uncond = backbone.negative_conditioning(len(prompts), negative_prompt)
-        cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-    latents = initial_latents(seeds, backbone.latent_shape).to(device, dtype) * scheduler.init_noise_sigma
+    uncond = backbone.negative_conditioning(len(prompts), negative_prompt) if guidance_scale != 1.0 else None
+    cond = guidance_conditioning(cond, uncond, guidance_scale)
+    latents = seed_latents(backbone, seeds) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        model_in = torch.cat([latents, latents]) if use_cfg else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        pred = backbone.unet_forward(model_in, t.expand(model_in.shape[0]).to(device), cond)
-        if use_cfg:
-            pred_uncond, pred_text = pred.chunk(2)
-            pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
-        latents = scheduler.step(pred, t, latents, eta=eta).prev_sample
+        latents = guided_step(backbone, scheduler, latents, t, cond, guidance_scale, eta=eta, unet=unet).prev_sample
     return backbone.decode_latents(latents)
 
 
