@@ -51,7 +51,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -60,6 +60,7 @@ from alignment.data.images import PairTransform
 from alignment.data.pickapic import collate_pairs, resolve_key, sample_seed
 from alignment.errors import ConfigError
 from alignment.files import atomic_write, atomic_write_text
+from alignment.fingerprint import backbone_fingerprint  # the VAE + text encoder fingerprint in cache_key
 
 CACHE_FORMAT = 2
 MANIFEST_NAME = "manifest.json"
@@ -70,7 +71,6 @@ DEFAULT_BATCH_SIZE = 16
 MOMENT_SHARD_ROWS = 512     # dataset items per moments shard (SD 1.5 at 512 px, with flips: 256 MB in float32)
 PROMPT_SHARD_ROWS = 1024    # unique captions per prompt shard (SD 1.5: 236 MB in float32)
 MAX_OPEN_SHARDS = 64        # per process; older handles are closed (dropped) first
-FINGERPRINT_SAMPLES = 1024  # evenly spaced elements hashed per weight tensor
 PROGRESS_SECONDS = 10.0
 
 STORE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -104,41 +104,6 @@ def source_fingerprint(source: str, split: str) -> dict[str, Any]:
         stat = path.stat()
         return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"hub": str(source), "split": str(split)}
-
-
-def _tensor_sample_bytes(tensors: Iterator[tuple[str, torch.Tensor]], digest) -> None:
-    """Hashes names, dtypes, shapes and up to FINGERPRINT_SAMPLES evenly spaced elements of every tensor."""
-    samples: list[torch.Tensor] = []
-    for name, tensor in tensors:
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() > FINGERPRINT_SAMPLES:
-            index = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).long()
-            flat = flat[index]
-        samples.append(flat.contiguous().view(torch.uint8))
-    if samples:  # one device -> host copy per module
-        digest.update(torch.cat([s.to(samples[0].device) for s in samples]).cpu().numpy().tobytes())
-
-
-def backbone_fingerprint(backbone) -> dict[str, Any]:
-    """What the encoders' outputs depend on: class, name, source, dtype and a weight fingerprint of the VAE and
-    text encoder(s) plus the tokenizer(s). Cheap (a few thousand elements per tensor) and changes whenever a
-    weight tensor changes as a whole (fine-tuning, another checkpoint); an edit of single elements that none of
-    the sampled positions covers goes unnoticed — clear the cache folder after such surgery."""
-    digest = hashlib.blake2b(digest_size=16)
-    encoders = [(name, module) for name, module in backbone.named_children()
-                if name.startswith(("vae", "text_encoder"))]
-    for name, module in sorted(encoders, key=lambda item: item[0]):
-        digest.update(f"[{name}:{type(module).__name__}]".encode())
-        _tensor_sample_bytes(((f"{name}.{k}", v) for k, v in module.state_dict().items()), digest)
-    for name in sorted(k for k in vars(backbone) if k.startswith("tokenizer")):
-        tokenizer = getattr(backbone, name)
-        probe = tokenizer(["a photo of a cat, 4k, Ünïcödé <|endoftext|>"], truncation=True).input_ids
-        digest.update(json.dumps([name, type(tokenizer).__name__, len(tokenizer),
-                                  int(getattr(tokenizer, "model_max_length", 0)), probe]).encode())
-    return {"class": f"{type(backbone).__module__}.{type(backbone).__qualname__}",
-            "name": str(getattr(backbone, "name", "")), "source": str(getattr(backbone, "source", None)),
-            "weight_dtype": str(getattr(backbone, "weight_dtype", None)), "weights": digest.hexdigest()}
 
 
 def _store_dtype(data_cfg, backbone) -> torch.dtype:
