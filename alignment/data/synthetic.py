@@ -10,9 +10,14 @@ reads real preference data can be exercised offline and in seconds:
 The preferred image shows the caption's colour *and* shape; the dispreferred one gets either the colour or the
 shape wrong. Which of ``jpg_0`` / ``jpg_1`` holds the preferred image is drawn at random per row.
 
+Every random choice (captions, positions, sizes, winners, ties, corrupt bytes) is drawn first, row by row from one
+seeded generator (``plan_rows``); drawing and encoding the images of any row range is then a pure function of that
+plan, which is what lets :class:`SyntheticPairsBuilder` build rows in chunks, in any process, with the same bytes.
+
 Example::
 
     python -m alignment.data.synthetic --out data/generated/synthetic.parquet --rows 64 --size 64 --seed 0
+    python -m alignment.build synthetic builder.num_rows=1024        # the same rows, as a builder (resumable)
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from __future__ import annotations
 import argparse
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from alignment.builders.base import Builder
 from alignment.errors import AlignmentError, ConfigError
 from alignment.files import atomic_write
 
@@ -58,27 +66,35 @@ def caption_for(color: str, shape: str) -> str:
     return f"a {color} {shape} on a white background"
 
 
-def draw_shape(color: str, shape: str, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """Draws one ``shape`` in ``color`` at a random position and size on a white ``image_size`` square."""
-    image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-
-    # The shape's bounding box covers 30-70% of the side and lies fully inside the image.
+def shape_box(image_size: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """Draws ``(side, left, top)`` of a shape's bounding box: 30-70% of the side, fully inside the image."""
     side = int(rng.integers(max(2, int(0.3 * image_size)), max(3, int(0.7 * image_size)) + 1))
     left = int(rng.integers(0, image_size - side + 1))
     top = int(rng.integers(0, image_size - side + 1))
-    box = (left, top, left + side - 1, top + side - 1)
-    fill = COLORS[color]
+    return side, left, top
 
+
+def render_shape(color: str, shape: str, image_size: int, box: tuple[int, int, int]) -> Image.Image:
+    """Draws one ``shape`` in ``color`` with bounding box ``box`` (from :func:`shape_box`) on a white square."""
+    side, left, top = box
+    image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    fill = COLORS[color]
+    corners = (left, top, left + side - 1, top + side - 1)
     if shape == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse(corners, fill=fill)
     elif shape == "square":
-        draw.rectangle(box, fill=fill)
+        draw.rectangle(corners, fill=fill)
     elif shape == "triangle":
         draw.polygon([(left + side / 2, top), (left, top + side - 1), (left + side - 1, top + side - 1)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return image
+
+
+def draw_shape(color: str, shape: str, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Draws one ``shape`` in ``color`` at a random position and size on a white ``image_size`` square."""
+    return render_shape(color, shape, image_size, shape_box(image_size, rng))
 
 
 def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
@@ -97,24 +113,34 @@ def _wrong_variant(color: str, shape: str, rng: np.random.Generator) -> tuple[st
     return color, others[int(rng.integers(len(others)))]
 
 
-def _check_arguments(num_rows: int, image_size: int, num_ties: int, num_corrupt: int) -> None:
+def _check_arguments(num_rows: int, image_size: int, num_ties: int, num_corrupt: int,
+                     config_key: str = "dataset.generate") -> None:
     if num_rows < 1:
-        raise ConfigError(f"dataset.generate.num_rows must be >= 1, got {num_rows}")
+        raise ConfigError(f"{config_key}.num_rows must be >= 1, got {num_rows}")
     if image_size < 8:
-        raise ConfigError(f"dataset.generate.image_size must be >= 8, got {image_size}")
+        raise ConfigError(f"{config_key}.image_size must be >= 8, got {image_size}")
     if num_ties < 0 or num_corrupt < 0:
-        raise ConfigError(f"dataset.generate.num_ties and num_corrupt must be >= 0, got {num_ties} and {num_corrupt}")
+        raise ConfigError(f"{config_key}.num_ties and num_corrupt must be >= 0, got {num_ties} and {num_corrupt}")
     if num_ties + num_corrupt > num_rows:
         raise ConfigError(
-            f"dataset.generate.num_ties + num_corrupt must be <= num_rows ({num_rows}), got {num_ties} + {num_corrupt}"
+            f"{config_key}.num_ties + num_corrupt must be <= num_rows ({num_rows}), got {num_ties} + {num_corrupt}"
         )
 
 
-def build_synthetic_table(
-    num_rows: int = 64, image_size: int = 64, seed: int = 0, num_ties: int = 0, num_corrupt: int = 0
-) -> pa.Table:
-    """Builds the synthetic preference table in memory (see :func:`make_synthetic_pairs`)."""
-    _check_arguments(num_rows, image_size, num_ties, num_corrupt)
+@dataclass(frozen=True)
+class RowPlan:
+    """The random choices of one row: caption, both drawings (colour, shape, box), label, corrupt ``jpg_1`` bytes."""
+
+    caption: str
+    first: tuple[str, str, tuple[int, int, int]]
+    second: tuple[str, str, tuple[int, int, int]]
+    label: float
+    corrupt: bytes | None
+
+
+def plan_rows(num_rows: int, image_size: int, seed: int, num_ties: int, num_corrupt: int) -> list[RowPlan]:
+    """Every row's random choices, drawn from ``np.random.default_rng(seed)`` in one pass, in the order the images
+    were always drawn (so the rows are the same as ever); cheap: no image is drawn."""
     rng = np.random.default_rng(seed)
 
     # Tie rows and corrupt rows are disjoint, randomly placed sets of row indices.
@@ -123,36 +149,83 @@ def build_synthetic_table(
     corrupt_rows = set(special[num_ties : num_ties + num_corrupt].tolist())
 
     color_names = list(COLORS)
-    captions, jpg_0, jpg_1, labels = [], [], [], []
+    rows = []
     for row in range(num_rows):
         color = color_names[int(rng.integers(len(color_names)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        preferred = draw_shape(color, shape, image_size, rng)
+        preferred = (color, shape, shape_box(image_size, rng))
 
         if row in tie_rows:
             # A tie: both images match the caption equally well.
-            other = draw_shape(color, shape, image_size, rng)
+            other = (color, shape, shape_box(image_size, rng))
             label = 0.5
             first, second = preferred, other
         else:
-            other = draw_shape(*_wrong_variant(color, shape, rng), image_size, rng)
+            wrong_color, wrong_shape = _wrong_variant(color, shape, rng)
+            other = (wrong_color, wrong_shape, shape_box(image_size, rng))
             winner_is_first = bool(rng.random() < 0.5)
             label = 1.0 if winner_is_first else 0.0
             first, second = (preferred, other) if winner_is_first else (other, preferred)
 
-        second_bytes = encode_jpeg(second)
-        if row in corrupt_rows:
-            second_bytes = _CORRUPT_PREFIX + rng.bytes(32)
+        corrupt = _CORRUPT_PREFIX + rng.bytes(32) if row in corrupt_rows else None
+        rows.append(RowPlan(caption_for(color, shape), first, second, label, corrupt))
+    return rows
 
-        captions.append(caption_for(color, shape))
-        jpg_0.append(encode_jpeg(first))
-        jpg_1.append(second_bytes)
-        labels.append(label)
 
-    return pa.table(
-        {"caption": captions, "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": labels},
-        schema=PICKAPIC_SCHEMA,
-    )
+def render_rows(plans: Sequence[RowPlan], image_size: int) -> pa.Table:
+    """The table rows of ``plans``: images drawn and JPEG-encoded (a corrupt row's ``jpg_1`` holds its bytes)."""
+    captions, jpg_0, jpg_1, labels = [], [], [], []
+    for plan in plans:
+        captions.append(plan.caption)
+        jpg_0.append(encode_jpeg(render_shape(*plan.first[:2], image_size, plan.first[2])))
+        second = render_shape(*plan.second[:2], image_size, plan.second[2])
+        jpg_1.append(plan.corrupt if plan.corrupt is not None else encode_jpeg(second))
+        labels.append(plan.label)
+    return pa.table({"caption": captions, "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": labels}, schema=PICKAPIC_SCHEMA)
+
+
+SYNTHETIC_VERSION = 1  # bump when plan_rows or render_rows make other rows, so old built files are not reused
+
+
+class SyntheticPairsBuilder(Builder):
+    """The synthetic pairs as a dataset builder (``python -m alignment.build synthetic``): one item per row, no
+    backbone; rows are identical to :func:`build_synthetic_table` with the same arguments."""
+
+    name = "synthetic"
+    item_unit = "pair"
+    chunk_size = 256
+    schema = PICKAPIC_SCHEMA
+
+    def __init__(self, num_rows: int = 64, image_size: int = 64, seed: int = 0, num_ties: int = 0,
+                 num_corrupt: int = 0, config_key: str = "builder"):
+        _check_arguments(num_rows, image_size, num_ties, num_corrupt, config_key)
+        self.num_rows, self.image_size, self.seed = int(num_rows), int(image_size), int(seed)
+        self.num_ties, self.num_corrupt = int(num_ties), int(num_corrupt)
+        self._plans: list[RowPlan] | None = None
+
+    def num_items(self) -> int:
+        return self.num_rows
+
+    def key_fields(self) -> dict:
+        return {"version": SYNTHETIC_VERSION, "num_rows": self.num_rows, "image_size": self.image_size,
+                "seed": self.seed, "num_ties": self.num_ties, "num_corrupt": self.num_corrupt}
+
+    def build_chunk(self, items, backbone, scorers) -> pa.Table:
+        if self._plans is None:  # drawn once per process; every chunk is rendered from it
+            self._plans = plan_rows(self.num_rows, self.image_size, self.seed, self.num_ties, self.num_corrupt)
+        return render_rows([self._plans[i] for i in items], self.image_size)
+
+    def summary(self, table: pa.Table) -> dict:
+        labels = table.column("label_0").to_pylist()
+        return {"ties": labels.count(0.5), "first_wins": labels.count(1.0), "corrupt": self.num_corrupt}
+
+
+def build_synthetic_table(
+    num_rows: int = 64, image_size: int = 64, seed: int = 0, num_ties: int = 0, num_corrupt: int = 0
+) -> pa.Table:
+    """Builds the synthetic preference table in memory (see :func:`make_synthetic_pairs`)."""
+    _check_arguments(num_rows, image_size, num_ties, num_corrupt)
+    return render_rows(plan_rows(num_rows, image_size, seed, num_ties, num_corrupt), image_size)
 
 
 def make_synthetic_pairs(
