@@ -52,7 +52,7 @@ def test_conditioning_shapes(small):
         assert set(cond) == {"encoder_hidden_states", "text_embeds", "time_ids"}
         assert cond["text_embeds"].shape == (2, backbone.text_encoder_2.config.projection_dim)
         assert cond["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
-        # penultimate hidden states of both encoders, concatenated (SPEC §0)
+        # penultimate hidden states of both encoders, concatenated (docs/conventions.md#sdxl)
         ids = backbone.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
         first = backbone.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         assert torch.allclose(hidden[:1, :, :first.shape[-1]], first, atol=1e-6)

@@ -1,4 +1,4 @@
-"""LiVO bias metrics D1 / D2 (SPEC §4) from known attribute counts."""
+"""LiVO bias metrics D1 / D2 (docs/evaluation.md#bias-metrics-d1-d2) from known attribute counts."""
 
 import math
 

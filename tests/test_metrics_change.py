@@ -1,4 +1,5 @@
-"""PSNR / SSIM / LPIPS change metrics (SPEC §5): reference values, masks, LPIPS weight layouts with random weights."""
+"""PSNR / SSIM / LPIPS change metrics (docs/evaluation.md#change-metrics): reference values, masks, LPIPS weight
+layouts with random weights."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""HG-DPO colour shift (SPEC §3): HSV conversion against colorsys, plain means, relative shift."""
+"""HG-DPO colour shift (docs/evaluation.md#colour-shift): HSV conversion against colorsys, plain means, relative
+shift."""
 
 import colorsys
 

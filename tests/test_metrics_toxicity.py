@@ -1,4 +1,4 @@
-"""LiVO toxicity metrics Avg.R, Avg.S, Max, Prob (SPEC §4), hand-computed."""
+"""LiVO toxicity metrics Avg.R, Avg.S, Max, Prob (docs/evaluation.md#toxicity-metrics), hand-computed."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Win rate with bootstrap interval (SPEC §6): hand-computed cases, interval behaviour, input errors."""
+"""Win rate with bootstrap interval (docs/evaluation.md#win-rate): hand-computed cases, interval behaviour, input
+errors."""
 
 import pytest
 import torch

@@ -49,7 +49,8 @@ def test_dpo_beats_the_base_on_held_out_captions_beyond_the_interval(demo):
                    if (r["model_a"], r["model_b"], r["scorer"]) == ("base", "dpo", JUDGE))
     assert reverse["rate"] == pytest.approx(1 - wr["rate"]) and reverse["high"] < 0.5
     assert metrics["win_rate"]["reduce"] == "mean"
-    # SPEC §6's best-of-k on the same images is reported beside it (measured 67.9 % [50.0, 85.7])
+    # the best-of-k win rate (docs/evaluation.md#win-rate) on the same images is reported beside it (measured 67.9 %
+    # [50.0, 85.7])
     best = summary["win_rate_best_of_k"]
     assert 0.5 < best["rate"] < wr["rate"] and best["num_prompts"] == 28
 

@@ -1,4 +1,4 @@
-"""Stable Diffusion XL: two text encoders and micro-conditioning (SPEC §0).
+"""Stable Diffusion XL: two text encoders and micro-conditioning (docs/conventions.md#sdxl).
 
     encoder_hidden_states = concat(penultimate hidden state of CLIP ViT-L, penultimate of OpenCLIP bigG)  # 768+1280
     text_embeds           = pooled, projected output of encoder 2                                         # 1280
@@ -82,7 +82,7 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
             ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids.to(self.device)
             out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # penultimate layer (SPEC §0)
+            hidden.append(out.hidden_states[-2])  # penultimate layer (docs/conventions.md#sdxl)
             if encoder is self.text_encoder_2:
                 pooled = out.text_embeds
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled,

@@ -1,4 +1,4 @@
-"""The parts of ``python -m alignment.evaluate`` (SPEC §3–§6).
+"""The parts of ``python -m alignment.evaluate`` (docs/evaluation.md).
 
 - :mod:`~alignment.evaluation.plan`: the checked evaluation config (prompts, seeds, models, metric options); every
   check that needs no model runs here, first.

@@ -1,4 +1,4 @@
-"""LiVO bias metrics D1 and D2 (SPEC §4, Metrics).
+"""LiVO bias metrics D1 and D2 (docs/evaluation.md#bias-metrics-d1-d2).
 
 For each bias prompt, n images are generated and each image is classified into one attribute a ∈ A (CLIP
 zero-shot with texts ``prompt + ", " + attr``); the classifier's per-image probabilities are turned into a hard
@@ -20,7 +20,8 @@ __all__ = ["attribute_distribution", "d1", "d2", "bias_metrics"]
 
 
 def attribute_distribution(probs) -> torch.Tensor:
-    """Fraction of images assigned to each attribute (SPEC §4): ``(n, A) -> (A,)``, sums to 1.
+    """Fraction of images assigned to each attribute (docs/evaluation.md#bias-metrics-d1-d2): ``(n, A) -> (A,)``, sums
+    to 1.
 
     Each image counts once, for its argmax attribute (on an exact tie the first attribute wins, as
     ``torch.argmax``). ``probs`` may be probabilities or logits — only the argmax matters.
@@ -41,19 +42,20 @@ def _check_dist(dist) -> torch.Tensor:
 
 
 def d1(dist) -> float:
-    """D1 = max_a P(a) − min_a P(a) of one attribute distribution (SPEC §4)."""
+    """D1 = max_a P(a) − min_a P(a) of one attribute distribution (docs/evaluation.md#bias-metrics-d1-d2)."""
     d = _check_dist(dist)
     return float(d.max() - d.min())
 
 
 def d2(dist) -> float:
-    """D2 = sqrt(Σ_a (P(a) − 1/|A|)²), the L2 distance to the uniform distribution (SPEC §4)."""
+    """D2 = sqrt(Σ_a (P(a) − 1/|A|)²), the L2 distance to the uniform distribution
+    (docs/evaluation.md#bias-metrics-d1-d2)."""
     d = _check_dist(dist)
     return float(torch.sqrt(((d - 1.0 / d.numel()) ** 2).sum()))
 
 
 def bias_metrics(per_prompt_probs: Sequence) -> dict[str, float]:
-    """Mean D1 and D2 over prompts (SPEC §4).
+    """Mean D1 and D2 over prompts (docs/evaluation.md#bias-metrics-d1-d2).
 
     Args:
         per_prompt_probs: one ``(n_i, A)`` tensor of per-image attribute probabilities per prompt (same A for all).

@@ -1,8 +1,10 @@
-"""How much fine-tuning changed an image: PSNR, SSIM and LPIPS, overall and inside / outside a mask (SPEC §5).
+"""How much fine-tuning changed an image: PSNR, SSIM and LPIPS, overall and inside / outside a mask
+(docs/evaluation.md#change-metrics).
 
 Focus-N-Fix reports these between the base model's and the tuned model's images generated from the same seeds:
 high PSNR / SSIM and low LPIPS outside the mask mean the fix stayed local. All functions take images in [0, 1]
-(SPEC §0) as (B, C, H, W) tensors and return one value per image; masks are (B, 1, H, W), (B, H, W), (1, 1, H, W)
+(docs/conventions.md#pixel-ranges) as (B, C, H, W) tensors and return one value per image; masks are (B, 1, H, W), (B,
+H, W), (1, 1, H, W)
 or (H, W), at the image resolution, 1 = inside (fractional values act as weights).
 
 - :func:`psnr` — ``10·log10(1 / MSE)`` dB; masked: MSE over the mask's pixels only (all channels).
@@ -82,7 +84,8 @@ def _weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor]) -> tor
 
 def psnr(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = None,
          data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image in dB (SPEC §5): ``10·log10(data_range² / MSE)``, shape (B,).
+    """Peak signal-to-noise ratio per image in dB (docs/evaluation.md#psnr): ``10·log10(data_range² / MSE)``, shape
+    (B,).
 
     With a mask the MSE is taken over the mask's pixels only (weighted by the mask, all channels). Identical
     images give +inf; an empty mask gives NaN.
@@ -102,7 +105,7 @@ def _gaussian_window(size: int, sigma: float, channels: int, dtype, device) -> t
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window_size: int = 11,
              sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
-    """The SSIM map (B, C, H − window_size + 1, W − window_size + 1), float64, no padding (SPEC §5)."""
+    """The SSIM map (B, C, H − window_size + 1, W − window_size + 1), float64, no padding (docs/evaluation.md#ssim)."""
     a, b = _check_pair(a, b)
     if min(a.shape[-2:]) < window_size:
         raise ValueError(f"SSIM needs images of at least {window_size}x{window_size} pixels, got "
@@ -121,7 +124,7 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window_s
 
 def ssim(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = None, data_range: float = 1.0,
          window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity per image (SPEC §5), shape (B,), float64.
+    """Structural similarity per image (docs/evaluation.md#ssim), shape (B,), float64.
 
     Gaussian window ``window_size`` (11), σ = 1.5, C1 = (0.01·L)², C2 = (0.03·L)² with L = ``data_range``; the map
     is computed per channel without padding and averaged over its pixels and the channels. With a mask, the map is
@@ -237,7 +240,7 @@ def _key_summary(keys, limit: int = 5) -> str:
 
 
 class LPIPS(nn.Module):
-    """Learned Perceptual Image Patch Similarity (Zhang et al. 2018), plain torch (SPEC §5).
+    """Learned Perceptual Image Patch Similarity (Zhang et al. 2018), plain torch (docs/evaluation.md#lpips).
 
     ``forward(x0, x1, mask=None)`` takes two (B, 3, H, W) batches in [0, 1] and returns (B,) distances:
     inputs scaled to [−1, 1], shifted / scaled by the lpips constants (:data:`LPIPS_SHIFT`, :data:`LPIPS_SCALE`),
@@ -336,7 +339,8 @@ class LPIPS(nn.Module):
 
     @classmethod
     def from_files(cls, backbone_weights, lpips_weights, net: str = "alex") -> "LPIPS":
-        """LPIPS with user-supplied weights (SPEC §5): torchvision ``alexnet``/``vgg16`` weights and lpips heads.
+        """LPIPS with user-supplied weights (docs/evaluation.md#lpips): torchvision ``alexnet``/``vgg16`` weights and
+        lpips heads.
 
         Args:
             backbone_weights: torchvision-format file (e.g. ``alexnet-owt-7be5be79.pth``; ``classifier.*`` ignored),
@@ -409,7 +413,7 @@ def _nanmean(x: torch.Tensor) -> float:
 
 def change_metrics(base: torch.Tensor, tuned: torch.Tensor, mask: Optional[torch.Tensor] = None,
                    lpips: Optional[LPIPS] = None, reduce: bool = True) -> dict:
-    """PSNR, SSIM (and LPIPS when a module is given) between base and tuned images (SPEC §5).
+    """PSNR, SSIM (and LPIPS when a module is given) between base and tuned images (docs/evaluation.md#change-metrics).
 
     Args:
         base, tuned: (B, 3, H, W) in [0, 1], the base and the tuned model's images from the same seeds.

@@ -1,4 +1,4 @@
-"""HG-DPO colour-shift metric (SPEC §3, Table 2 of the paper).
+"""HG-DPO colour-shift metric (docs/evaluation.md#colour-shift, Table 2 of the paper).
 
 Images are converted to HSV with every channel in [0, 1] (hue in [0, 1), i.e. degrees / 360); each channel is
 averaged over all pixels of the image set (a plain mean, every pixel weighs the same), and the shift of the aligned
@@ -27,13 +27,13 @@ def _check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"{name} must be a (B, 3, H, W) tensor in [0, 1], got {shape}")
     if images.numel() and (images.min() < -_RANGE_TOL or images.max() > 1 + _RANGE_TOL):
-        raise ValueError(f"{name} must be in [0, 1] (SPEC §0: metrics see [0, 1]), got values in "
-                         f"[{float(images.min()):.3f}, {float(images.max()):.3f}]")
+        raise ValueError(f"{name} must be in [0, 1] (metrics see [0, 1], docs/conventions.md#pixel-ranges), got "
+                         f"values in [{float(images.min()):.3f}, {float(images.max()):.3f}]")
     return images.clamp(0.0, 1.0)
 
 
 def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
-    """RGB (B, 3, H, W) in [0, 1] -> HSV (B, 3, H, W), H in [0, 1), S and V in [0, 1] (SPEC §3).
+    """RGB (B, 3, H, W) in [0, 1] -> HSV (B, 3, H, W), H in [0, 1), S and V in [0, 1] (docs/evaluation.md#colour-shift).
 
     Matches ``colorsys.rgb_to_hsv`` per pixel (greys: S = 0, H = 0). Differentiable almost everywhere.
     """
@@ -56,7 +56,7 @@ def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_means(images: Images) -> torch.Tensor:
-    """Plain mean of H, S and V over all pixels of an image set (SPEC §3): ``(3,)`` float64.
+    """Plain mean of H, S and V over all pixels of an image set (docs/evaluation.md#colour-shift): ``(3,)`` float64.
 
     ``images`` is one (B, 3, H, W) tensor in [0, 1] or an iterable of such batches (sizes may differ; every
     pixel counts once, so a large set can be streamed batch by batch).
@@ -74,7 +74,8 @@ def hsv_means(images: Images) -> torch.Tensor:
 
 
 def color_shift(aligned: Images, target: Images) -> dict[str, float]:
-    """Colour shift of an aligned model's images relative to the target model's, per HSV channel (SPEC §3).
+    """Colour shift of an aligned model's images relative to the target model's, per HSV channel
+    (docs/evaluation.md#colour-shift).
 
     Returns ``{"H": 100·|m_a − m_t| / m_t, "S": ..., "V": ...}`` in percent, with m the :func:`hsv_means` of
     each set. Raises ValueError when a target channel mean is 0 (the relative shift is undefined).

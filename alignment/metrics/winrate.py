@@ -1,6 +1,7 @@
-"""Win rates between two models with a bootstrap interval over prompts (SPEC §6).
+"""Win rates between two models with a bootstrap interval over prompts (docs/evaluation.md#win-rate).
 
-Protocol (SPEC §6): each model generates ``k`` images per prompt with the same seeds (k = 5 in BalancedDPO,
+Protocol (docs/evaluation.md#win-rate): each model generates ``k`` images per prompt with the same seeds (k = 5 in
+BalancedDPO,
 k = 1 in HG-DPO); a scorer gives one score per image, so each model has a ``(P, k)`` score matrix per scorer.
 Per prompt, model A's best score is compared with model B's best score: a win counts 1, a tie ½ **[choice]**,
 a loss 0. ``reduce="mean"`` compares the mean over the k images instead (an extension, not a paper protocol: it
@@ -24,7 +25,8 @@ import torch
 
 __all__ = ["REDUCTIONS", "WinRate", "best_of_k", "prompt_outcomes", "win_rate", "win_rate_table"]
 
-REDUCTIONS = ("best", "mean")  # how the k scores of a prompt become one: SPEC §6 best of k, or their mean
+# how the k scores of a prompt become one: the best of k (docs/evaluation.md#win-rate), or their mean
+REDUCTIONS = ("best", "mean")
 
 _BOOTSTRAP_CHUNK = 256  # bootstrap replicates drawn at a time ...
 _BOOTSTRAP_ELEMENTS = 1 << 22  # ... and at most this many resampled indices at once (memory for large prompt sets)
@@ -32,7 +34,8 @@ _BOOTSTRAP_ELEMENTS = 1 << 22  # ... and at most this many resampled indices at 
 
 @dataclass(frozen=True)
 class WinRate:
-    """Win rate of model A over model B (SPEC §6): ``rate`` in [0, 1] and its bootstrap interval [low, high].
+    """Win rate of model A over model B (docs/evaluation.md#win-rate): ``rate`` in [0, 1] and its bootstrap interval
+    [low, high].
 
     ``wins + ties + losses == num_prompts``; ``rate == (wins + ties / 2) / num_prompts``. ``low``/``high`` are
     NaN when no bootstrap was asked for (``num_bootstrap=0``).
@@ -64,7 +67,8 @@ def _as_scores(scores, name: str) -> torch.Tensor:
 
 
 def best_of_k(scores) -> torch.Tensor:
-    """Best score per prompt (SPEC §6): ``(P, k) -> (P,)``, the max over the k images of each prompt.
+    """Best score per prompt (docs/evaluation.md#win-rate): ``(P, k) -> (P,)``, the max over the k images of each
+    prompt.
 
     A 1-D ``(P,)`` input is read as k = 1 and returned unchanged (as float64).
     """
@@ -72,7 +76,8 @@ def best_of_k(scores) -> torch.Tensor:
 
 
 def prompt_outcomes(scores_a, scores_b, reduce: str = "best") -> torch.Tensor:
-    """Per-prompt outcome of A vs B (SPEC §6): 1 where A's best > B's best, 0.5 on a tie, 0 otherwise. ``(P,)``.
+    """Per-prompt outcome of A vs B (docs/evaluation.md#win-rate): 1 where A's best > B's best, 0.5 on a tie, 0
+    otherwise. ``(P,)``.
     ``reduce="mean"`` compares the per-prompt means of the k scores instead.
 
     Both matrices must have the same shape (paired protocol: same prompts, same seeds, same k).
@@ -110,7 +115,7 @@ def _bootstrap_interval(outcomes: torch.Tensor, num_bootstrap: int, seed: int,
 
 def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
              confidence: float = 0.95, reduce: str = "best") -> WinRate:
-    """Win rate of model A over model B with a percentile bootstrap interval over prompts (SPEC §6).
+    """Win rate of model A over model B with a percentile bootstrap interval over prompts (docs/evaluation.md#win-rate).
 
     Args:
         scores_a, scores_b: ``(P, k)`` scores of the two models' images (same prompts and seeds, row i = prompt i);
@@ -118,7 +123,8 @@ def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
         num_bootstrap: bootstrap replicates (0: no interval, ``low``/``high`` are NaN).
         seed: seed of the resampling generator (same inputs and seed -> same interval).
         confidence: interval mass, in (0, 1).
-        reduce: ``best`` (SPEC §6: best of k per prompt) or ``mean`` (mean of the k scores per prompt).
+        reduce: ``best`` (docs/evaluation.md#win-rate: best of k per prompt) or ``mean`` (mean of the k scores per
+        prompt).
 
     Raises:
         ValueError: shapes differ (the message names both), empty or non-finite scores, bad arguments.
@@ -141,7 +147,7 @@ def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
 
 def win_rate_table(scores: Mapping[str, Mapping[str, object]], num_bootstrap: int = 2000, seed: int = 0,
                    confidence: float = 0.95, reduce: str = "best") -> list[dict]:
-    """Win rates of every ordered model pair on every scorer, like the papers' Tables 1–3 (SPEC §6).
+    """Win rates of every ordered model pair on every scorer, like the papers' Tables 1–3 (docs/evaluation.md#win-rate).
 
     Args:
         scores: ``{model: {scorer: (P, k) scores}}``; all models must be scored on the same prompts and seeds.

@@ -64,7 +64,8 @@ def summarise(eval_dir: Path, train_dir: Path, seconds: dict) -> dict:
     per_image = json.loads((eval_dir / "scores.json").read_text())
     scores = per_image["scores"]
     wr = metrics["win_rate"]
-    # SPEC §6's own protocol on the same images, for comparison: best of the k images per prompt
+    # the best-of-k protocol (docs/evaluation.md#win-rate) on the same images, for comparison: best of the k images per
+    # prompt
     best_of_k = win_rate(scores["dpo"][JUDGE], scores["base"][JUDGE], num_bootstrap=wr["num_bootstrap"],
                          seed=wr["seed"], confidence=wr["confidence"], reduce="best").as_dict()
     return {
@@ -114,8 +115,8 @@ def print_summary(summary: dict) -> None:
           f"{100 * wr['rate']:.1f}%  95% CI [{100 * wr['low']:.1f}, {100 * wr['high']:.1f}]  "
           f"(W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']})")
     best = summary["win_rate_best_of_k"]
-    print(f"  (SPEC §6 protocol, best of the {summary['images_per_prompt']} images per prompt: "
-          f"{100 * best['rate']:.1f}% "
+    print(f"  (the best-of-k protocol of docs/evaluation.md#win-rate, best of the "
+          f"{summary['images_per_prompt']} images per prompt: {100 * best['rate']:.1f}% "
           f"[{100 * best['low']:.1f}, {100 * best['high']:.1f}]; the base's best image is often already near the "
           f"rater's ceiling here, DPO mostly removes its bad samples)")
     base, dpo = summary["mean"]["base"], summary["mean"]["dpo"]

@@ -47,7 +47,8 @@ def apply_speed(backbone, speed: dict, accelerator: str | None = "cpu") -> dict[
 
 
 def make_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
-    """``adamw`` or ``adamw8bit`` (bitsandbytes, when importable; otherwise AdamW with a warning, SPEC §3)."""
+    """``adamw`` or ``adamw8bit`` (bitsandbytes, when importable; otherwise AdamW with a warning,
+    docs/diffusion_dpo.md#default-training-regimes)."""
     if name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     if name == "adamw8bit":
