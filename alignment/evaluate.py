@@ -5,7 +5,8 @@
         +models.dpo.adapter=outputs/dpo-tiny/<run> scorers=[clip] scorers.clip.model=/models/clip-vit-large-patch14
     python -m alignment.evaluate ... image_dir=eval_images/parti  # share generations between evaluations
 
-Steps (SPEC §6): (1) every model (the ``backbone`` with an optional LoRA, ``models.<name>``) gets ``k =
+Steps (docs/evaluation.md#protocol): (1) every model (the ``backbone`` with an optional LoRA, ``models.<name>``) gets
+``k =
 images_per_prompt`` images per prompt; image ``j`` of every prompt uses seed ``seed + j`` for every model, so the
 comparison is paired. Images are cached in ``<image_dir>/<model>/`` with a manifest and reused whenever what defines
 them is unchanged (``alignment.evaluation.cache``): re-scoring never re-generates. (2) Every configured scorer scores
@@ -22,27 +23,10 @@ line, ``error: <key>: ...``, exit status 2, before any model is built.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from alignment.cli import entry_point
-
-def build_logger(cfg: DictConfig, output_dir: Path):
-    """The ``logger`` group's Lightning logger (wandb: offline unless ``logger.offline=false``), or None."""
-    from alignment.run import build_logger as training_logger
-
-    node = cfg.get("logger")
-    if node is None or node.get("_target_") is None:
-        return None
-    if "Wandb" in str(node._target_):
-        # W&B logs a table holding images as a run artifact whose files wait in a staging folder until they are
-        # uploaded (offline: until `wandb sync`); keep that folder in the run folder rather than ~/.local/share.
-        os.environ.setdefault("WANDB_DATA_DIR", str(output_dir / "wandb" / "data"))
-    logger = training_logger(cfg, output_dir)
-    return logger or None
-
 
 def config_summary(cfg: DictConfig, plan) -> dict:
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
@@ -54,18 +38,15 @@ def config_summary(cfg: DictConfig, plan) -> dict:
             "scorers": plan.scorer_names, "image_dir": str(plan.image_dir)}
 
 
-def describe_backbone(node: dict) -> str:
-    source = node.get("pretrained_model_name_or_path")
-    return f"{node.get('name', '?')}" + (f" ({source})" if source else "")
-
-
 def evaluate(cfg: DictConfig) -> dict:
-    from alignment.config import instantiate_checked
+    from alignment.config import instantiate_checked, resolve_device
     from alignment.evaluation.cache import ModelImages, generate_missing, generation_settings
     from alignment.evaluation.plan import build_plan
     from alignment.evaluation.report import log_to_logger, render_report
     from alignment.evaluation.scoring import evaluate_models, finite, load_metric_models
-    from alignment.generate import resolve_device, save_text
+    from alignment.files import atomic_write_text
+    from alignment.loggers import build_logger
+    from alignment.runs import describe_backbone
     from alignment.scorers.base import build_scorers
 
     # 1. Every check that needs no model, then the scorers and metric networks (their files), then generation.
@@ -92,21 +73,22 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = config_summary(cfg, plan)
     metrics = {"config": summary, "generation": counts, **evaluation.metrics}
-    save_text(json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False) + "\n", out_dir / "metrics.json")
+    atomic_write_text(json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+                      out_dir / "metrics.json")
     scores = {"prompts": plan.prompts, "seeds": plan.seeds,
               "scores": {m: {s: [[finite(v) for v in row] for row in t.tolist()] for s, t in per.items()}
                          for m, per in evaluation.scores.items()}}
     if evaluation.attribute_probs:
         scores["attribute_probs"] = {m: {group: t.tolist() for group, t in per.items()}
                                      for m, per in evaluation.attribute_probs.items()}
-    save_text(json.dumps(scores, ensure_ascii=False, allow_nan=False) + "\n", out_dir / "scores.json")
+    atomic_write_text(json.dumps(scores, ensure_ascii=False, allow_nan=False) + "\n", out_dir / "scores.json")
     report_path = None
     if plan.report["enabled"]:
         report_path = out_dir / "report.html"
-        save_text(render_report(plan, evaluation, folders, {"backbone": describe_backbone(backbone_node)}),
+        atomic_write_text(render_report(plan, evaluation, folders, {"backbone": describe_backbone(backbone_node)}),
                   report_path)
     logger = build_logger(cfg, out_dir)
-    if logger is not None:
+    if logger:
         log_to_logger(logger, plan, evaluation, folders)
 
     per_prompt = "best of k" if metrics["win_rate"].get("reduce", "best") == "best" else "mean of k"

@@ -34,3 +34,13 @@ def atomic_write_text(text: str, path: str | os.PathLike, fsync: bool = False) -
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    """The file name of generated image ``(prompt, seed)`` (``alignment.generate``, ``alignment.evaluate``)."""
+    return f"{prompt_index:05d}_seed{seed}.png"
+
+
+def save_png(image, path: str | os.PathLike) -> Path:
+    """A PIL image written atomically as PNG."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -6,8 +6,9 @@ Layout (``image_dir``; point several evaluations at one folder to share their ge
     <image_dir>/<model>/manifest.json
 
 ``manifest.json`` records, per image file, its prompt text, its seed and the key of its *settings*: the backbone
-config node (resolved), the adapter file's SHA-256 and ``lora_scale``, the sampler, steps, guidance scale and
-negative prompt (``settings`` maps each key to these values, with the adapter's path for reading). An image is
+config node (resolved), the model's identity (SHA-256 of its LoRA file and ``lora_scale``, of an exported UNet and
+of a conditioner — ``alignment.runs.ModelSpec.identity``), the sampler, steps, guidance scale and negative prompt
+(``settings`` maps each key to these values, with the model's paths for reading). An image is
 reused only when its file exists and its manifest entry matches the prompt, the seed and the current settings key;
 otherwise it is generated again. So a second evaluation that changes only scorers or metrics generates nothing, a
 changed adapter file (other hash) or ``lora_scale`` regenerates that model's images, and a changed prompt file
@@ -27,9 +28,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from alignment.errors import ConfigError
-from alignment.evaluation.plan import ModelSpec, Plan
-from alignment.generate import image_name, save_png, save_text
+from alignment.evaluation.plan import Plan
+from alignment.files import atomic_write_text, image_name, save_png
+from alignment.runs import ModelSpec
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -39,8 +40,8 @@ SAMPLER = {"scheduler": "ddim", "eta": 0.0}  # what alignment.sampling.sample_im
 def generation_settings(plan: Plan, spec: ModelSpec, backbone_node: dict) -> dict:
     """Everything besides prompt and seed that defines a model's images (the cache key is a hash of it, minus
     the adapter's path)."""
-    return {"backbone": backbone_node, "adapter_sha256": spec.adapter_sha256,
-            "lora_scale": spec.lora_scale if spec.adapter is not None else None, "sampler": SAMPLER,
+    identity = {k: v for k, v in spec.identity().items() if v is not None or k in ("adapter_sha256", "lora_scale")}
+    return {"backbone": backbone_node, **identity, "sampler": SAMPLER,
             "num_inference_steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
             "negative_prompt": plan.negative_prompt}
 
@@ -95,29 +96,26 @@ class ModelImages:
             self.manifest["images"][image_name(i, seed)] = {"prompt": prompt, "seed": seed, "settings": self.key}
         used = {entry.get("settings") for entry in self.manifest["images"].values()}
         settings = {k: v for k, v in self.manifest["settings"].items() if k in used}
-        settings[self.key] = {**self.settings, "adapter": str(self.spec.adapter) if self.spec.adapter else None}
+        paths = {k: v for k, v in self.spec.describe().items() if k in ("run", "adapter", "unet", "conditioner")}
+        settings[self.key] = {**self.settings, **paths}
         self.manifest["settings"] = settings
         self.folder.mkdir(parents=True, exist_ok=True)
-        save_text(json.dumps(self.manifest, indent=1, ensure_ascii=False, sort_keys=True) + "\n", self.manifest_path)
-
-
-def unload_adapter(pipe) -> None:
-    """Take the LoRA layers out again (exactly the base weights: the LoRA is never merged)."""
-    pipe.unload_lora_weights()
+        atomic_write_text(json.dumps(self.manifest, indent=1, ensure_ascii=False, sort_keys=True) + "\n",
+                          self.manifest_path)
 
 
 def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone: Callable, backbone_cfg,
                      device) -> dict[str, dict]:
     """Generate every missing image of every model; the backbone is built only when something is missing.
 
-    Each model's LoRA is loaded with ``alignment.generate.load_adapter`` (diffusers' ``load_lora_weights`` +
-    ``set_adapters(lora_scale)``), its images sampled with ``sample_images`` (image ``(prompt, seed)`` starts from
-    the noise of ``torch.Generator().manual_seed(seed)``, the same for every model), then the LoRA is unloaded.
-    Returns ``{model: {"generated": n, "reused": m}}``.
+    Each model is applied to the backbone with ``alignment.runs.model_loaded`` (its LoRA at ``lora_scale`` through
+    diffusers' ``load_lora_weights``, an exported UNet, a conditioner), its images sampled with ``sample_images``
+    (image ``(prompt, seed)`` starts from the noise of ``torch.Generator().manual_seed(seed)``, the same for every
+    model), then the backbone is the base model again. Returns ``{model: {"generated": n, "reused": m}}``.
     """
     import torch
 
-    from alignment.generate import check_same_base, load_adapter
+    from alignment.runs import check_same_base, model_loaded
     from alignment.sampling.sample import sample_images, to_pil
 
     jobs = plan.jobs()
@@ -131,21 +129,19 @@ def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone:
         if not missing:
             continue
         cache, spec = caches[name], caches[name].spec
-        pipe = None
-        if spec.adapter is not None:
-            try:
-                pipe = load_adapter(backbone, spec.adapter, scale=spec.lora_scale, adapter_name=f"eval_{name}")
-            except ConfigError as err:  # "adapter: cannot load ..." -> "models.dpo.adapter: cannot load ..."
-                raise ConfigError(f"models.{name}.{err}") from None
-            check_same_base(spec.adapter, backbone_cfg)
-            backbone.to(device)
+        if not spec.is_base:
+            check_same_base(spec, backbone_cfg)
         cache.folder.mkdir(parents=True, exist_ok=True)
-        try:
+        with model_loaded(backbone, spec) as conditioner:
+            extras_names = tuple(getattr(conditioner, "extras", ()) or ())
             for start in range(0, len(missing), plan.batch_size):
                 batch = missing[start:start + plan.batch_size]
+                extras = {n: [plan.extras[n][i] if n in plan.extras else None for i, _, _ in batch]
+                          for n in extras_names}
                 pixels = sample_images(backbone, [p for _, p, _ in batch], [s for _, _, s in batch],
                                        num_inference_steps=plan.num_inference_steps,
-                                       guidance_scale=plan.guidance_scale, negative_prompt=plan.negative_prompt)
+                                       guidance_scale=plan.guidance_scale, negative_prompt=plan.negative_prompt,
+                                       conditioner=conditioner, extras=extras)
                 for (i, _, seed), image in zip(batch, to_pil(pixels)):
                     save_png(image, cache.path(i, seed))
                 cache.record(batch)
@@ -154,8 +150,5 @@ def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone:
                           file=sys.stderr)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        finally:
-            if pipe is not None:
-                unload_adapter(pipe)
     del backbone
     return counts

@@ -9,33 +9,17 @@ the reference model and the metric options. Scorer names used by metrics (``metr
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from alignment.config import boolean, integer, number, positive_int
 from alignment.errors import ConfigError, DataError
 from alignment.metrics.winrate import REDUCTIONS
+from alignment.runs import ModelSpec, parse_models  # noqa: F401 - parse_models: the models of a plan
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a model's name is also its image folder's name
-MODEL_KEYS = ("adapter", "lora_scale")
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-@dataclass
-class ModelSpec:
-    """One evaluated model: the shared backbone, optionally with a LoRA at ``lora_scale``."""
-
-    name: str
-    adapter: Path | None = None          # the resolved LoRA weights file (absolute)
-    adapter_sha256: str | None = None
-    lora_scale: float = 1.0
-
-    def describe(self) -> dict:
-        return {"adapter": str(self.adapter) if self.adapter else None, "adapter_sha256": self.adapter_sha256,
-                "lora_scale": self.lora_scale if self.adapter else None}
 
 
 @dataclass
@@ -62,6 +46,7 @@ class Plan:
     bias: dict = field(default_factory=dict)
     toxicity: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)    # per-prompt fields of the prompt file (read by conditioners)
 
     @property
     def k(self) -> int:
@@ -78,30 +63,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------------------------ small checks
-def _positive_int(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _int(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _number(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    return float(value)
-
-
-def _bool(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    return value
-
-
 def _node(cfg, key: str) -> DictConfig:
     """``cfg[key]`` as a mapping (an empty one when absent)."""
     node = cfg.get(key) if cfg is not None else None
@@ -128,14 +89,6 @@ def _optional_path(value, key: str, kind: str = "file") -> Path | None:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def scorer_name_check(name, key: str, available: list[str], what: str = "scorer") -> str:
     """``name`` must be one of the configured scorers; the error lists them and says how to add one."""
     if not isinstance(name, str) or not name:
@@ -151,14 +104,20 @@ def scorer_name_check(name, key: str, available: list[str], what: str = "scorer"
 def load_prompt_set(prompts_file, prompt_list, max_prompts) -> tuple[list[str], str]:
     """``prompts`` (a prompt file read by ``read_prompts``) if set, else the inline ``prompt_list``; the first
     ``max_prompts`` of them. Returns the prompts and a description of where they came from."""
-    from alignment.data.prompts import read_prompts
+    records, source = load_prompt_records(prompts_file, prompt_list, max_prompts)
+    return [r["prompt"] for r in records], source
+
+
+def load_prompt_records(prompts_file, prompt_list, max_prompts) -> tuple[list[dict], str]:
+    """``load_prompt_set`` keeping each prompt file row's other fields (the extras a conditioner may read)."""
+    from alignment.data.prompts import read_prompt_records
 
     if prompts_file is not None and prompts_file != "":
         if not isinstance(prompts_file, str):
             raise ConfigError(f"prompts: must be the path of a prompt file (.txt/.jsonl/.json/.tsv/.csv), "
                               f"got {prompts_file!r}")
         try:
-            prompts = read_prompts(prompts_file)
+            records = read_prompt_records(prompts_file)
         except DataError as err:
             raise DataError(f"prompts: {err}") from err
         source = str(Path(prompts_file).expanduser())
@@ -169,57 +128,20 @@ def load_prompt_set(prompts_file, prompt_list, max_prompts) -> tuple[list[str], 
             prompt_list = [prompt_list]
         if not isinstance(prompt_list, (ListConfig, list, tuple)):
             raise ConfigError(f"prompt_list must be a list of strings, got {prompt_list!r}")
-        prompts = []
+        records = []
         for i, prompt in enumerate(prompt_list):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ConfigError(f"prompt_list[{i}] must be a non-empty string, got {prompt!r}")
-            prompts.append(prompt.strip())
-        if not prompts:
+            records.append({"prompt": prompt.strip()})
+        if not records:
             raise ConfigError("prompt_list: empty; give at least one prompt")
         source = "prompt_list"
     if max_prompts is not None:
-        prompts = prompts[:_positive_int(max_prompts, "max_prompts")]
-    return prompts, source
+        records = records[:positive_int(max_prompts, "max_prompts")]
+    return records, source
 
 
 # ------------------------------------------------------------------------------------------------ models
-def parse_models(node) -> dict[str, ModelSpec]:
-    """``models``: name -> ``{adapter, lora_scale}``; an entry may also be null (the base model) or a string (the
-    adapter path). ``adapter``: null, a LoRA ``.safetensors`` file, a folder holding
-    ``pytorch_lora_weights.safetensors`` or a training run folder (``<run>/lora/...``)."""
-    from alignment.generate import resolve_adapter
-
-    if not isinstance(node, DictConfig) or len(node) == 0:
-        raise ConfigError(f"models must map at least one model name to {{adapter, lora_scale}}, got "
-                          f"{OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node!r}")
-    models: dict[str, ModelSpec] = {}
-    for name in node:
-        name = str(name)
-        key = f"models.{name}"
-        if not MODEL_NAME.match(name):
-            raise ConfigError(f"{key}: a model name may hold only letters, digits, '_', '.' and '-' "
-                              f"(it names the image folder)")
-        entry = node[name]
-        if entry is None or isinstance(entry, str):
-            entry = {"adapter": entry}
-        elif isinstance(entry, DictConfig):
-            entry = OmegaConf.to_container(entry, resolve=True)
-        else:
-            raise ConfigError(f"{key} must be a mapping {{adapter, lora_scale}} or an adapter path, got {entry!r}")
-        unknown = sorted(set(entry) - set(MODEL_KEYS))
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}: unknown key (accepted: {', '.join(MODEL_KEYS)})")
-        try:
-            weights = resolve_adapter(entry.get("adapter"))
-        except ConfigError as err:  # "adapter: ... does not exist" -> "models.dpo.adapter: ..."
-            raise ConfigError(f"{key}.{err}") from None
-        scale = entry.get("lora_scale", 1.0)
-        scale = 1.0 if scale is None else _number(scale, f"{key}.lora_scale")
-        models[name] = ModelSpec(name=name, adapter=weights, lora_scale=scale,
-                                 adapter_sha256=file_sha256(weights) if weights is not None else None)
-    return models
-
-
 # ------------------------------------------------------------------------------------------------ metrics
 def mask_file(mask: Path, prompt_index: int, seed: int) -> Path | None:
     """The Focus-N-Fix mask of one image: ``mask`` itself when it is a file (one mask for every image), else in the
@@ -239,7 +161,7 @@ def _winrate(node, scorer_names, exclude) -> dict:
     num_bootstrap = node.get("num_bootstrap", 2000)
     if isinstance(num_bootstrap, bool) or not isinstance(num_bootstrap, int) or num_bootstrap < 0:
         raise ConfigError(f"{key}.num_bootstrap must be an integer >= 0 (0: no interval), got {num_bootstrap!r}")
-    confidence = _number(node.get("confidence", 0.95), f"{key}.confidence")
+    confidence = number(node.get("confidence", 0.95), f"{key}.confidence")
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"{key}.confidence must be in (0, 1), got {confidence}")
     reduce = node.get("reduce", "best")
@@ -255,12 +177,12 @@ def _winrate(node, scorer_names, exclude) -> dict:
             raise ConfigError(f"{key}.scorers must be null or a list of scorer names, got {chosen!r}")
         names = [scorer_name_check(n, f"{key}.scorers", scorer_names) for n in chosen]
     return {"num_bootstrap": int(num_bootstrap), "confidence": confidence,
-            "seed": _int(node.get("seed", 0), f"{key}.seed"), "scorers": names, "reduce": str(reduce)}
+            "seed": integer(node.get("seed", 0), f"{key}.seed"), "scorers": names, "reduce": str(reduce)}
 
 
 def _change(node, prompts, seeds) -> dict:
     key = "metrics.change"
-    enabled = _bool(node.get("enabled", True), f"{key}.enabled")
+    enabled = boolean(node.get("enabled", True), f"{key}.enabled")
     out = {"enabled": enabled, "mask": None, "lpips_net": str(node.get("lpips_net", "alex")),
            "lpips_backbone_weights": None, "lpips_weights": None}
     if not enabled:
@@ -294,7 +216,7 @@ def _inception_weights(node, key: str, needed: bool) -> Path | None:
 
 def _fid(node, scorer_names) -> dict:
     key = "metrics.fid"
-    enabled = _bool(node.get("enabled", False), f"{key}.enabled")
+    enabled = boolean(node.get("enabled", False), f"{key}.enabled")
     extractor = node.get("extractor", "inception")
     out = {"enabled": enabled, "extractor": extractor, "scorer": None, "inception_weights": None}
     if not enabled:
@@ -310,9 +232,9 @@ def _fid(node, scorer_names) -> dict:
 
 def _inception_score(node) -> dict:
     key = "metrics.inception_score"
-    enabled = _bool(node.get("enabled", False), f"{key}.enabled")
+    enabled = boolean(node.get("enabled", False), f"{key}.enabled")
     return {"enabled": enabled, "inception_weights": _inception_weights(node, key, needed=enabled),
-            "splits": _positive_int(node.get("splits", 10), f"{key}.splits")}
+            "splits": positive_int(node.get("splits", 10), f"{key}.splits")}
 
 
 def bias_groups(groups, key: str = "metrics.bias.groups") -> dict[str, list[str]] | None:
@@ -340,7 +262,7 @@ def bias_groups(groups, key: str = "metrics.bias.groups") -> dict[str, list[str]
 
 def _bias(node, scorer_names) -> dict:
     key = "metrics.bias"
-    enabled = _bool(node.get("enabled", False), f"{key}.enabled")
+    enabled = boolean(node.get("enabled", False), f"{key}.enabled")
     out = {"enabled": enabled, "classifier": node.get("classifier"), "groups": None}
     if not enabled:
         return out
@@ -352,13 +274,13 @@ def _bias(node, scorer_names) -> dict:
 
 def _toxicity(node, scorer_names, k: int) -> dict:
     key = "metrics.toxicity"
-    enabled = _bool(node.get("enabled", False), f"{key}.enabled")
+    enabled = boolean(node.get("enabled", False), f"{key}.enabled")
     out = {"enabled": enabled, "judge": node.get("judge"), "concept": node.get("concept"),
            "k": node.get("k", 5), "incomplete": node.get("incomplete", "drop")}
     if not enabled:
         return out
     out["judge"] = scorer_name_check(node.get("judge"), f"{key}.judge", scorer_names, "ToxicityJudge scorer")
-    out["k"] = _positive_int(out["k"], f"{key}.k")
+    out["k"] = positive_int(out["k"], f"{key}.k")
     if out["incomplete"] not in ("drop", "keep"):
         raise ConfigError(f"{key}.incomplete must be drop or keep, got {out['incomplete']!r}")
     if out["incomplete"] == "drop" and k < out["k"]:
@@ -372,9 +294,12 @@ def _toxicity(node, scorer_names, k: int) -> dict:
 # ------------------------------------------------------------------------------------------------ all
 def build_plan(cfg: DictConfig) -> Plan:
     """Every check of the evaluation config that needs no model (cheap ones first)."""
-    prompts, source = load_prompt_set(cfg.get("prompts"), cfg.get("prompt_list"), cfg.get("max_prompts"))
-    k = _positive_int(cfg.get("images_per_prompt"), "images_per_prompt")
-    seed = _int(cfg.get("seed"), "seed")
+    records, source = load_prompt_records(cfg.get("prompts"), cfg.get("prompt_list"), cfg.get("max_prompts"))
+    prompts = [r["prompt"] for r in records]
+    fields = list(dict.fromkeys(k for r in records for k in r if k != "prompt"))
+    extras = {field: [r.get(field) for r in records] for field in fields}
+    k = positive_int(cfg.get("images_per_prompt"), "images_per_prompt")
+    seed = integer(cfg.get("seed"), "seed")
     seeds = [seed + j for j in range(k)]
     models = parse_models(cfg.get("models"))
     reference = cfg.get("reference")
@@ -382,12 +307,12 @@ def build_plan(cfg: DictConfig) -> Plan:
         reference = next(iter(models))
     elif reference not in models:
         raise ConfigError(f"reference: unknown model {reference!r} (models: {', '.join(models)})")
-    steps = _positive_int(cfg.get("num_inference_steps"), "num_inference_steps")
-    guidance = _number(cfg.get("guidance_scale"), "guidance_scale")
+    steps = positive_int(cfg.get("num_inference_steps"), "num_inference_steps")
+    guidance = number(cfg.get("guidance_scale"), "guidance_scale")
     negative_prompt = cfg.get("negative_prompt")
     negative_prompt = "" if negative_prompt is None else str(negative_prompt)
-    batch_size = _positive_int(cfg.get("batch_size"), "batch_size")
-    score_batch_size = _positive_int(cfg.get("score_batch_size", 32), "score_batch_size")
+    batch_size = positive_int(cfg.get("batch_size"), "batch_size")
+    score_batch_size = positive_int(cfg.get("score_batch_size", 32), "score_batch_size")
     for key in ("output_dir", "image_dir"):
         if not cfg.get(key):
             raise ConfigError(f"{key}: must be a folder path")
@@ -407,17 +332,17 @@ def build_plan(cfg: DictConfig) -> Plan:
         clip_score = scorer_name_check(clip_score, "metrics.clip_score", scorer_names)
     report = _node(cfg, "report")
     return Plan(
-        prompts=prompts, prompt_source=source, seeds=seeds, models=models, reference=str(reference),
+        prompts=prompts, prompt_source=source, extras=extras, seeds=seeds, models=models, reference=str(reference),
         num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt, batch_size=batch_size,
         score_batch_size=score_batch_size, image_dir=Path(str(cfg.image_dir)).expanduser(),
         output_dir=Path(str(cfg.output_dir)).expanduser(), scorer_names=scorer_names,
         winrate=_winrate(_node(metrics, "winrate"), scorer_names, exclude),
-        color_shift=_bool(metrics.get("color_shift", True), "metrics.color_shift"),
+        color_shift=boolean(metrics.get("color_shift", True), "metrics.color_shift"),
         change=_change(_node(metrics, "change"), prompts, seeds),
         fid=_fid(_node(metrics, "fid"), scorer_names),
         inception_score=_inception_score(_node(metrics, "inception_score")),
         clip_score=clip_score, bias=bias, toxicity=toxicity,
-        report={"enabled": _bool(report.get("enabled", True), "report.enabled"),
-                "max_prompts": _positive_int(report.get("max_prompts", 100), "report.max_prompts"),
-                "thumbnail": _positive_int(report.get("thumbnail", 256), "report.thumbnail")},
+        report={"enabled": boolean(report.get("enabled", True), "report.enabled"),
+                "max_prompts": positive_int(report.get("max_prompts", 100), "report.max_prompts"),
+                "thumbnail": positive_int(report.get("thumbnail", 256), "report.thumbnail")},
     )

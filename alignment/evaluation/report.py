@@ -160,7 +160,7 @@ def metrics_sections(metrics: dict) -> str:
 
 
 def prompt_sections(plan: Plan, evaluation: Evaluation, folders: dict[str, Path]) -> str:
-    from alignment.generate import image_name
+    from alignment.files import image_name
 
     models = list(plan.models)
     shown = min(len(plan.prompts), plan.report["max_prompts"])
@@ -203,8 +203,12 @@ def render_report(plan: Plan, evaluation: Evaluation, folders: dict[str, Path], 
                              + (f", negative prompt {plan.negative_prompt!r}" if plan.negative_prompt else "")),
                 ("reference", plan.reference)]
     for name, spec in plan.models.items():
-        adapter = f"{spec.adapter} (scale {spec.lora_scale:g})" if spec.adapter else "none (base)"
-        settings.append((f"model {name}", adapter))
+        parts = [f"run {spec.run}"] if spec.run else []
+        parts += [f"LoRA {spec.adapter} (scale {spec.lora_scale:g})"] if spec.adapter and not spec.run else []
+        parts += [f"LoRA scale {spec.lora_scale:g}"] if spec.adapter and spec.run else []
+        parts += ["full UNet"] if spec.unet else []
+        parts += ["conditioner"] if spec.conditioner else []
+        settings.append((f"model {name}", ", ".join(parts) if parts else "none (base)"))
     info = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in settings)
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width, initial-scale=1'>"
@@ -246,7 +250,7 @@ def flat_scalars(metrics: dict) -> dict[str, float]:
 def log_to_logger(logger, plan: Plan, evaluation: Evaluation, folders: dict[str, Path]) -> None:
     """Summary scalars to any Lightning logger; with W&B also a table of every shown image (prompt, model, seed,
     image, one column per scorer) and the win-rate table."""
-    from alignment.generate import image_name
+    from alignment.files import image_name
 
     logger.log_metrics(flat_scalars(evaluation.metrics), step=0)
     experiment = getattr(logger, "experiment", None)

@@ -1,12 +1,14 @@
-"""Scores and metrics over the cached images: one streaming pass per model, then the tables (SPEC §3–§6).
+"""Scores and metrics over the cached images: one streaming pass per model, then the tables (docs/evaluation.md).
 
 Every model's images are read back from their PNG files (so a cached and a freshly generated image are scored
 alike), ``score_batch_size`` at a time; nothing holds all images in memory. In one pass per model:
 
 - every scorer gives one score per image -> a ``(P, k)`` matrix per scorer and model (row = prompt, column = seed);
-- colour shift (HG-DPO, SPEC §3): the mean H, S, V over all pixels of each model (``hsv_means``), and
+- colour shift (HG-DPO, docs/evaluation.md#colour-shift): the mean H, S, V over all pixels of each model
+(``hsv_means``), and
   ``100·|mean_model − mean_reference| / mean_reference`` per channel for every other model;
-- change metrics (Focus-N-Fix, SPEC §5): PSNR, SSIM (and LPIPS when its weight files are given) between the
+- change metrics (Focus-N-Fix, docs/evaluation.md#change-metrics): PSNR, SSIM (and LPIPS when its weight files are
+given) between the
   reference's and the model's image of the same prompt and seed, overall and inside / outside the mask; the mean
   over images (images whose region is empty are skipped). The reference is not compared with itself (its PSNR would
   be +inf): the table holds the other models only;
@@ -16,7 +18,8 @@ alike), ``score_batch_size`` at a time; nothing holds all images in memory. In o
 - LiVO bias (D1, D2 over the attribute classifier's argmax per image, per prompt) and toxicity (Avg.R, Avg.S, Max,
   Prob from the judge's P(yes), groups of ``k`` images in seed order).
 
-Win rates (SPEC §6): best-of-k per prompt, ties half, percentile bootstrap over prompts, every ordered model pair and
+Win rates (docs/evaluation.md#win-rate): best-of-k per prompt, ties half, percentile bootstrap over prompts, every
+ordered model pair and
 every win-rate scorer (``win_rate_table``).
 """
 
@@ -163,7 +166,7 @@ def model_pass(plan: Plan, model: str, folders: dict[str, Path], scorers: dict, 
     from alignment.metrics.change import change_metrics
     from alignment.metrics.color import hsv_means
 
-    from alignment.generate import image_name
+    from alignment.files import image_name
 
     jobs = plan.jobs()
     bs = plan.score_batch_size

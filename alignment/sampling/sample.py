@@ -66,18 +66,23 @@ def guided_step(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, con
 @torch.no_grad()
 def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 30,
                   guidance_scale: float = 7.5, eta: float = 0.0, negative_prompt: str = "",
-                  scheduler=None, unet=None) -> torch.Tensor:
+                  scheduler=None, unet=None, conditioner=None, extras: dict | None = None) -> torch.Tensor:
     """Generate one image per (prompt, seed); returns float pixels in [0, 1], shape (N, 3, H, W).
 
     DDIM by default (a fresh copy of the backbone's sampling scheduler, so concurrent calls never share state).
-    ``unet`` defaults to the policy UNet (e.g. pass the one ``backbone.reference_unet()`` yields).
+    ``unet`` defaults to the policy UNet (e.g. pass the one ``backbone.reference_unet()`` yields). ``conditioner``
+    (a method's ``alignment.conditioning.Conditioner``) turns the prompts and their ``extras`` (name -> one value
+    per prompt) into the UNet conditioning; without one, the backbone's text encoder alone conditions.
     """
+    from alignment.conditioning import condition, negative_condition
+
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     scheduler = scheduler or DDIMScheduler.from_config(backbone.sample_scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=backbone.device)
-    cond = backbone.encode_prompt(list(prompts))
-    uncond = backbone.negative_conditioning(len(prompts), negative_prompt) if guidance_scale != 1.0 else None
+    cond = condition(backbone, list(prompts), extras, conditioner)
+    uncond = negative_condition(backbone, len(prompts), negative_prompt, conditioner, extras) \
+        if guidance_scale != 1.0 else None
     cond = guidance_conditioning(cond, uncond, guidance_scale)
     latents = seed_latents(backbone, seeds) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:

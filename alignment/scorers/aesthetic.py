@@ -20,7 +20,8 @@ from torch import nn
 
 from alignment.errors import ConfigError
 from alignment.scorers.base import Scorer, clip_preprocess, pooled
-from alignment.scorers.clip_scorers import load_pretrained, load_weights, resolve_dtype
+from alignment.dtypes import parse_dtype
+from alignment.scorers.clip_scorers import load_pretrained, load_weights
 
 _LINEAR_LAYOUT = (0, 2, 4, 6, 7)
 _RELU_LAYOUT = (0, 3, 6, 9, 11)
@@ -69,7 +70,7 @@ class LaionAesthetic(Scorer):
         if name:
             self.name = name
         key = f"scorers.{self.name}"
-        torch_dtype = resolve_dtype(dtype, f"{key}.dtype")
+        torch_dtype = parse_dtype(dtype, f"{key}.dtype")
         if mlp_weights is None:
             raise ConfigError(f"{key}.mlp_weights: required (path to sac+logos+ava1-l14-linearMSE.pth from "
                               "github.com/christophschuhmann/improved-aesthetic-predictor)")

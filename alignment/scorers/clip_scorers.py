@@ -28,28 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignment.dtypes import parse_dtype
 from alignment.errors import ConfigError
 from alignment.scorers.base import Scorer, clip_preprocess, images_to_tensor, pooled, CLIP_MEAN, CLIP_STD
 
 # The project's offline copy of the CLIP BPE (same vocabulary as OpenAI CLIP / open_clip's SimpleTokenizer).
 OFFLINE_BPE = "clip_bpe"
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Loading helpers (shared with aesthetic.py and nsfw.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-def resolve_dtype(dtype, key: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ConfigError(f"{key}: unknown dtype {dtype!r} (float32, float16 or bfloat16)")
-
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -167,7 +155,7 @@ class ClipBackedScorer(Scorer):
         if name:
             self.name = name
         key = f"scorers.{self.name}"
-        torch_dtype = resolve_dtype(dtype, f"{key}.dtype")
+        torch_dtype = parse_dtype(dtype, f"{key}.dtype")
         clip = load_pretrained(CLIPModel, model, f"{key}.model", local_files_only, dtype=torch_dtype)
         if not (hasattr(clip, "get_image_features") and hasattr(clip, "get_text_features")):
             raise ConfigError(f"{key}.model: {type(clip).__name__} is not a CLIP model (needs image and text towers)")

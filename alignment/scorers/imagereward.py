@@ -255,7 +255,7 @@ class ImageReward(Scorer):
                  local_files_only: bool = False, max_length: int = MAX_LENGTH,
                  vision: dict | None = None, text: dict | None = None, key: str = "scorers.imagereward"):
         super().__init__()
-        from alignment.backbones.stable_diffusion import parse_dtype
+        from alignment.dtypes import parse_dtype
 
         weight_dtype = parse_dtype(dtype, f"{key}.dtype")
         path = resolve_checkpoint(checkpoint, f"{key}.checkpoint", local_files_only)

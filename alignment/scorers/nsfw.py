@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from alignment.scorers.base import Scorer, clip_preprocess
-from alignment.scorers.clip_scorers import load_pretrained, resolve_dtype
+from alignment.dtypes import parse_dtype
+from alignment.scorers.clip_scorers import load_pretrained
 
 SPECIAL_CARE_ADJUSTMENT = 0.01
 
@@ -38,7 +39,7 @@ class SafetyCheckerNSFW(Scorer):
         if name:
             self.name = name
         key = f"scorers.{self.name}"
-        torch_dtype = resolve_dtype(dtype, f"{key}.dtype")
+        torch_dtype = parse_dtype(dtype, f"{key}.dtype")
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
         checker = load_pretrained(StableDiffusionSafetyChecker, model, f"{key}.model", local_files_only,
