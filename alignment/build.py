@@ -1,6 +1,6 @@
 """Dataset builder entry point: build the dataset file of one builder (``conf/builder/NAME.yaml``).
 
-    python -m alignment.build toy_pairs backbone=toy                       # <out>/toy_pairs-<key>.parquet
+    python -m alignment.build toy_pairs backbone=toy                       # <out>/pairs-<key>.parquet
     python -m alignment.build synthetic builder.num_rows=4096 out=/data/pairs
     python -m alignment.build toy_pairs backbone=toy --cfg job             # print the composed config
 
@@ -31,7 +31,6 @@ ranks wait).
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -91,24 +90,6 @@ def missing_builder_error(argv: list[str]) -> str | None:
             f"(available in conf/builder/: {', '.join(available_builders())})")
 
 
-def resolve_device(name):
-    """``auto``: this process's GPU (``LOCAL_RANK``) when there is one, else the CPU; or a torch device string."""
-    import torch
-
-    name = "auto" if name is None else str(name)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device: unknown device {name!r} (auto, cpu, cuda, cuda:1, ...)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
-    return device
-
-
 def _out_folder(value) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"out: must be a folder path, got {value!r}")
@@ -133,7 +114,7 @@ def build_dataset(cfg: DictConfig):
 
     from alignment.builders.base import Builder
     from alignment.builders.runner import build, shard_from_env
-    from alignment.config import check_keys, instantiate_checked
+    from alignment.config import check_keys, instantiate_checked, resolve_device
     from alignment.scorers.base import build_scorers
 
     # Every cheap check before a model is built.

@@ -73,8 +73,8 @@ def group_choice_error(override) -> str | None:
     for name in names:
         if name is None or (isinstance(name, str) and name in ("null", "none") and group != "scorers"):
             continue
-        if not isinstance(name, str) or not (folder / f"{name}.yaml").is_file():
-            available = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        if not isinstance(name, str) or name.startswith("_") or not (folder / f"{name}.yaml").is_file():
+            available = ", ".join(sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_")))
             return f"{group}: unknown {group} config {name!r} (available in conf/{group}/: {available})"
     return None
 

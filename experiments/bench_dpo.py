@@ -105,12 +105,12 @@ def run_bare(workdir: Path, steps: int, warmup: int) -> float:
     from alignment.backbones.tiny import build_tiny_backbone
     from alignment.data.cache import cached_pairs
     from alignment.data.sampler import StepIndexedSampler
-    from alignment.run import build_dataset
+    from alignment.training.recipe import make_builder, prepare_data
     from alignment.training.lora import add_lora
 
     cfg = compose([*CPU_RUN, f"dataset.cache_dir={workdir / 'cache'}"], workdir / "bare")
     data = cfg.dataset
-    dataset = build_dataset(cfg)  # the same rows, transform and seed as alignment.run
+    dataset = prepare_data(cfg, make_builder(cfg))  # the same rows, transform and seed as alignment.run
     torch.manual_seed(cfg.seed)
     backbone = build_tiny_backbone()
     dataset = cached_pairs(dataset, backbone, OmegaConf.to_container(data, resolve=True))
@@ -151,22 +151,22 @@ def peak_rss_growth_mib(method: str, batch_size: int, steps: int) -> float:
 
 def memory_child(method: str, batch_size: int, steps: int) -> None:
     """Build everything, note the RSS, train, report the peak RSS growth (MiB) on the last line of stdout."""
-    from alignment.run import build_dataset
+    from alignment.training.recipe import make_builder, prepare_data
     import lightning as L
 
     from alignment.config import instantiate_checked, to_plain
-    from alignment.training.datamodule import PairDataModule
+    from alignment.training.datamodule import AlignmentDataModule
     from alignment.training.module import AlignmentModule
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose([*CPU_RUN, f"method={method}", f"dataset.batch_size={batch_size}", "dataset.resolution=64",
                        "backbone.resolution=64", f"trainer.max_steps={steps}"], Path(tmp))
-        dataset = build_dataset(cfg)
+        dataset = prepare_data(cfg, make_builder(cfg))
         backbone = instantiate_checked(cfg.backbone, "backbone")
         module = AlignmentModule(backbone, instantiate_checked(cfg.method.objective, "method.objective"),
                                  finetune="lora", lora=to_plain(cfg.method.lora),
                                  optimizer=to_plain(cfg.method.optimizer), lr_scheduler=to_plain(cfg.method.lr_scheduler))
-        datamodule = PairDataModule(dataset, batch_size=batch_size, seed=0)
+        datamodule = AlignmentDataModule(dataset, batch_size=batch_size, seed=0)
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                             limit_val_batches=0, num_sanity_val_steps=0)

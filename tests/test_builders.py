@@ -301,7 +301,7 @@ def test_cli_builds_toy_pairs_end_to_end(tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("done: ") and last.endswith(" (56 rows)")
     path = Path(last[len("done: "):-len(" (56 rows)")])
-    assert path.parent == tmp_path / "out" and path.name.startswith("toy_pairs-") and path.exists()
+    assert path.parent == tmp_path / "out" and path.name.startswith("pairs-") and path.exists()
     assert "pair/s" in proc.stderr  # the progress bar counts pairs
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["rows"] == 56 and info["captions"] == 56 and info["settings"]["pairs_per_caption"] == 1

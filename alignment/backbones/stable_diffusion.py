@@ -1,4 +1,4 @@
-"""One interface over the Stable Diffusion denoiser stack (SPEC §0).
+"""One interface over the Stable Diffusion denoiser stack (docs/conventions.md#backbone-parts).
 
 ``StableDiffusionBackbone`` owns the tokenizer, text encoder, VAE, UNet and two schedulers (DDPM for training,
 DDIM for sampling) and exposes the operations every objective needs:
@@ -16,25 +16,13 @@ the backbone; SD 1.5/2.1 use ``encoder_hidden_states`` only (last hidden state o
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
+from alignment.dtypes import parse_dtype
 from alignment.errors import ConfigError
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str, key: str = "backbone.dtype") -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"{key}: unknown dtype {name!r} (choose one of {sorted(DTYPES)})")
-    return DTYPES[name]
-
 
 def cat_cond(*conds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Concatenate conditioning dicts along the batch dimension."""
@@ -61,7 +49,7 @@ class StableDiffusionBackbone(nn.Module):
         self.name = name
         self.source = source  # hub id / folder the weights came from (None for random init); keys caches
         self.weight_dtype = parse_dtype(dtype)
-        self.reference_copy: nn.Module | None = None  # frozen UNet copy for full fine-tuning (SPEC §0)
+        self.reference = None  # the reference strategy (alignment.training.reference), set by training
         for module in (self.text_encoder, self.vae, self.unet):
             module.requires_grad_(False)
         for module in (self.text_encoder, self.vae, self.unet):
@@ -179,7 +167,8 @@ class StableDiffusionBackbone(nn.Module):
     # ----------------------------------------------------------------------------------------- encoders
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """SD 1.x/2.x conditioning: the last hidden state of CLIP over 77 padded tokens (SPEC §0)."""
+        """SD 1.x/2.x conditioning: the last hidden state of CLIP over 77 padded tokens
+        (docs/conventions.md#sd-15-and-sd-21)."""
         tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
@@ -200,12 +189,14 @@ class StableDiffusionBackbone(nn.Module):
         return posterior.mean, posterior.std
 
     def latents_from_moments(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """``z0 = (mean + std · n) · scaling_factor``: one posterior sample with caller-supplied noise (SPEC §0)."""
+        """``z0 = (mean + std · n) · scaling_factor``: one posterior sample with caller-supplied noise
+        (docs/conventions.md#latents-and-the-scaling-factor)."""
         return (mean + std * noise.to(mean.dtype)) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1] -> scaled VAE latents ``z0 = sample(q(z|x)) * scaling_factor`` (SPEC §0)."""
+        """Pixels in [-1, 1] -> scaled VAE latents ``z0 = sample(q(z|x)) * scaling_factor``
+        (docs/conventions.md#latents-and-the-scaling-factor)."""
         mean, std = self.encode_moments(pixels)
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
         return self.latents_from_moments(mean, std, noise)
@@ -222,7 +213,7 @@ class StableDiffusionBackbone(nn.Module):
         return alpha_bar.sqrt().view(shape), (1 - alpha_bar).sqrt().view(shape)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``z_t = sqrt(ᾱ_t) z0 + sqrt(1 − ᾱ_t) ε`` (SPEC §0)."""
+        """``z_t = sqrt(ᾱ_t) z0 + sqrt(1 − ᾱ_t) ε`` (docs/conventions.md#noising)."""
         sqrt_a, sqrt_1ma = self._alpha_terms(timesteps, z0.ndim)
         return (sqrt_a * z0.float() + sqrt_1ma * noise.float()).to(z0.dtype)
 
@@ -250,24 +241,31 @@ class StableDiffusionBackbone(nn.Module):
     def has_adapters(self) -> bool:
         return bool(getattr(self.unet, "peft_config", None))
 
+    def use_reference(self, strategy) -> None:
+        """Install the reference strategy (``alignment.training.reference``) that ``reference_unet`` yields."""
+        self.reference = strategy
+
     def make_reference_copy(self) -> None:
-        """Full fine-tuning: keep a frozen copy of the initial UNet in the compute dtype (SPEC §0)."""
-        self.reference_copy = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        """Full fine-tuning: keep a frozen copy of the initial UNet in the compute dtype
+        (docs/conventions.md#the-reference-model)."""
+        from alignment.training.reference import FrozenCopy
 
-    @contextmanager
-    def reference_unet(self) -> Iterator[nn.Module]:
-        """The reference model: the frozen copy if there is one, else this UNet with its adapters disabled.
+        self.use_reference(FrozenCopy(self.unet))
 
-        Adapters are re-enabled even if the body raises, so an exception can never leave the policy disabled.
-        """
-        if self.reference_copy is not None:
-            yield self.reference_copy
-            return
-        if not self.has_adapters:
-            raise ConfigError("the reference model needs LoRA adapters or a frozen copy "
-                              "(method.finetune must be 'lora' or 'full')")
-        self.unet.disable_adapters()
-        try:
-            yield self.unet
-        finally:
-            self.unet.enable_adapters()
+    @property
+    def reference_copy(self) -> nn.Module | None:
+        return getattr(self.reference, "copy", None)
+
+    def reference_unet(self):
+        """The reference model, as a context manager yielding the module to call
+        (docs/conventions.md#the-reference-model):
+        whatever strategy is installed (``method.reference``), by default the frozen copy if there is one, else
+        this UNet with its adapters disabled. The policy is active again after the block, even if it raises."""
+        if self.reference is None:
+            from alignment.training.reference import AdaptersDisabled
+
+            if not self.has_adapters:
+                raise ConfigError("the reference model needs LoRA adapters or a frozen copy "
+                                  "(method.finetune must be 'lora' or 'full')")
+            self.use_reference(AdaptersDisabled(self.unet))
+        return self.reference.active()

@@ -57,6 +57,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from alignment.data.images import PairTransform
+from alignment.data.extras import collate_extras
 from alignment.data.pickapic import collate_pairs, resolve_key, sample_seed
 from alignment.errors import ConfigError
 from alignment.files import atomic_write, atomic_write_text
@@ -367,7 +368,7 @@ def cached_pairs(dataset, backbone, data_cfg, *, batch_size: int | None = None, 
                 built = True
     if not built:
         _log(f"using {folder} ({manifest['num_items']} pairs, {manifest['num_prompts']} prompts)")
-    cached = CachedPairs(folder, captions=dataset.captions(), seed=dataset.seed,
+    cached = CachedPairs(folder, captions=dataset.captions(), seed=dataset.seed, extras=dataset.extra_values(),
                          proportion_empty_prompts=dataset.proportion_empty_prompts,
                          dtype=getattr(backbone, "weight_dtype", None), source=dataset.source, manifest=manifest)
     cached.built = built
@@ -390,6 +391,7 @@ def collate_cached(items: Sequence[dict[str, Any]], channels_last: bool = False)
             batch[key] = stacked
     batch["caption"] = [item["caption"] for item in items]
     batch["index"] = [int(item["index"]) for item in items]
+    batch["extras"] = collate_extras(items)
     return batch
 
 
@@ -413,7 +415,8 @@ class CachedPairs(Dataset):
     drawing the same numbers in the same order as ``PreferencePairs`` (caption dropout, crop top, crop left,
     flip), and holds ``moments_w`` / ``moments_l`` (``(2C, h, w)``: posterior mean and std, of the flipped images
     when the flip is drawn), ``cond.<name>`` (the caption's embedding, or the empty prompt's when the caption is
-    dropped), ``caption`` and ``index``. Tensors are read lazily from memory-mapped safetensors shards and
+    dropped), ``caption``, ``index`` and ``extras`` (the source dataset's extra columns, ``extras``: column -> one
+    value per item, served from memory). Tensors are read lazily from memory-mapped safetensors shards and
     returned in ``dtype`` (the backbone's weight dtype: what the encoders would have returned).
 
     ``collate_fn`` (an attribute) batches items in the memory layout the VAE produced when the cache was built;
@@ -422,7 +425,7 @@ class CachedPairs(Dataset):
 
     def __init__(self, folder: str | os.PathLike, captions: Sequence[str], seed: int = 0,
                  proportion_empty_prompts: float = 0.0, dtype: torch.dtype | None = None,
-                 source: str | None = None, manifest: dict | None = None):
+                 source: str | None = None, manifest: dict | None = None, extras: dict | None = None):
         from safetensors.torch import load_file
 
         self.folder = Path(folder)
@@ -434,6 +437,7 @@ class CachedPairs(Dataset):
         self.source = source
         self.built = False
         self._captions = list(captions)
+        self._extras = {column: list(values) for column, values in (extras or {}).items()}
         if len(self._captions) != self.manifest["num_items"]:
             raise ValueError(f"{self.folder}: {len(self._captions)} captions for {self.manifest['num_items']} items")
         self._caption_ids = load_file(str(self.folder / INDEX_NAME))["caption_id"]
@@ -495,6 +499,7 @@ class CachedPairs(Dataset):
         item["crop_top_left"] = self._geometry["crop_top_left" + suffix][index]
         item["caption"] = "" if drop_caption else self._captions[index]
         item["index"] = index
+        item["extras"] = {column: values[index] for column, values in self._extras.items()}
         return item
 
     def __repr__(self) -> str:

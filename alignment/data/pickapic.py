@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,8 +25,10 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from alignment.data.extras import check_extra_columns, collate_extras
 from alignment.data.images import PairTransform, decode_image
 from alignment.errors import ConfigError, DataError
+from alignment.seeding import derive_seed
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("jpg_0", "jpg_1", "label_0", "caption")
 IMAGE_COLUMNS: tuple[str, ...] = ("jpg_0", "jpg_1")
@@ -40,9 +41,8 @@ _SCAN_CHUNK_ROWS = 256
 
 
 def sample_seed(seed: int, index: int, epoch: int) -> int:
-    """A 63-bit seed derived from ``(seed, index, epoch)``; the same in every process and Python session."""
-    digest = hashlib.blake2b(f"{int(seed)}:{int(index)}:{int(epoch)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+    """The seed of one item's augmentation draws (crop, flip, caption dropout) in one epoch."""
+    return derive_seed(int(seed), int(index), int(epoch))
 
 
 def resolve_key(key, length: int, owner: str = "dataset") -> tuple[int, int]:
@@ -126,6 +126,8 @@ class PreferencePairs(Dataset):
         max_rows: Keep at most this many rows (the first ones that pass the tie filter), e.g. for quick runs.
             Rows skipped by the image check are not replaced.
         seed: Base seed of the per-item randomness (crop, flip, caption dropout).
+        extra_columns: Further columns of the source to carry per item (``item["extras"]``), e.g. a vote label
+            or a vector of scores; collated into ``batch["extras"]`` and handed to the objective.
         hf_cache_dir: Cache folder of Hugging Face ``datasets`` (its default, ``HF_DATASETS_CACHE``, when ``None``).
 
     Attributes:
@@ -134,11 +136,14 @@ class PreferencePairs(Dataset):
         num_source_rows: Number of rows in the source.
 
     Items are dicts with ``pixel_values_w`` and ``pixel_values_l`` (float32 ``(3, resolution, resolution)`` in
-    ``[-1, 1]``), ``caption`` (str) and ``index`` (the dataset index). An item is a pure function of
+    ``[-1, 1]``), ``caption`` (str), ``index`` (the dataset index) and ``extras`` (``{column: value}``). An item is a
+    pure function of
     ``(seed, index, epoch)``: index the dataset with an ``(index, epoch)`` tuple (as
     :class:`~alignment.data.sampler.StepIndexedSampler` yields) for fresh augmentations each epoch; a plain int
     means epoch 0.
     """
+
+    kind = "pairs"  # what an objective's batch_kind must be to train on it
 
     def __init__(
         self,
@@ -153,6 +158,7 @@ class PreferencePairs(Dataset):
         check_images: bool = True,
         max_rows: int | None = None,
         seed: int = 0,
+        extra_columns: Sequence[str] = (),
         hf_cache_dir: str | None = None,
     ):
         if ties not in TIE_POLICIES:
@@ -166,6 +172,7 @@ class PreferencePairs(Dataset):
         if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
             raise ConfigError(f"dataset.max_rows must be a positive integer or null, got {max_rows!r}")
 
+        self.extra_columns = check_extra_columns(extra_columns)
         self.source = os.fspath(source)
         self.split = split
         self.ties = ties
@@ -181,8 +188,17 @@ class PreferencePairs(Dataset):
                 f"{self.source}: missing required column(s) {', '.join(repr(c) for c in missing)} "
                 f"(Pick-a-Pic v2 schema needs {', '.join(REQUIRED_COLUMNS)})"
             )
+        missing = [column for column in self.extra_columns if column not in dataset.column_names]
+        if missing:
+            raise DataError(f"dataset.extra_columns: {self.source} has no column {missing[0]!r} "
+                            f"(columns: {', '.join(dataset.column_names)})")
+        clash = [column for column in self.extra_columns if column in REQUIRED_COLUMNS]
+        if clash:
+            raise ConfigError(f"dataset.extra_columns: {clash[0]!r} is already part of every item")
         # Arrow format: rows come back as raw values (bytes or {"bytes", "path"} dicts), without feature decoding.
         self._table = dataset.select_columns(list(REQUIRED_COLUMNS)).with_format("arrow")
+        extras_table = dataset.select_columns(list(self.extra_columns)).with_format("arrow") \
+            if self.extra_columns else None
         self.num_source_rows = len(self._table)
 
         self.skipped_rows: list[int] = []
@@ -200,6 +216,11 @@ class PreferencePairs(Dataset):
 
         all_captions = self._table.select_columns(["caption"])[:].column("caption").to_pylist()
         self._captions = [all_captions[row] or "" for row in rows]
+        # extra columns are small per row (labels, scores, strings): read once, served from memory
+        self._extras = {}
+        for column in self.extra_columns:
+            values = extras_table.select_columns([column])[:].column(column).to_pylist()
+            self._extras[column] = [values[row] for row in rows]
 
     # ------------------------------------------------------------------------------------------------ filtering
 
@@ -279,6 +300,14 @@ class PreferencePairs(Dataset):
         """Captions of the kept rows, in dataset order (without caption dropout)."""
         return list(self._captions)
 
+    def extra_values(self) -> dict[str, list]:
+        """Every extra column, one value per dataset item (what the latent cache carries beside its tensors)."""
+        return {column: list(values) for column, values in self._extras.items()}
+
+    def extras(self, index: int) -> dict[str, Any]:
+        """The extra columns of dataset item ``index``."""
+        return {column: values[index] for column, values in self._extras.items()}
+
     def _resolve_key(self, key: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
         return resolve_key(key, len(self._rows), type(self).__name__)
 
@@ -311,6 +340,7 @@ class PreferencePairs(Dataset):
             "pixel_values_l": pixel_values_l,
             "caption": "" if drop_caption else self._captions[index],
             "index": index,
+            "extras": self.extras(index),
             **geometry,  # original_size, crop_top_left: SDXL's micro-conditioning
         }
 
@@ -326,8 +356,8 @@ def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         A dict with ``pixel_values_w`` and ``pixel_values_l`` (float32 ``(N, 3, R, R)``), ``original_size`` and
-        ``crop_top_left`` (int64 ``(N, 2)``, when the items carry them), ``caption`` (list of N str) and ``index``
-        (list of N int dataset indices).
+        ``crop_top_left`` (int64 ``(N, 2)``, when the items carry them), ``caption`` (list of N str), ``index``
+        (list of N int dataset indices) and ``extras`` (see ``alignment.data.extras``).
     """
     if not items:
         raise ValueError("collate_pairs needs at least one item")
@@ -336,6 +366,7 @@ def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "pixel_values_l": torch.stack([item["pixel_values_l"] for item in items]),
         "caption": [item["caption"] for item in items],
         "index": [int(item["index"]) for item in items],
+        "extras": collate_extras(items),
     }
     for key in ("original_size", "crop_top_left"):
         if key in items[0]:

@@ -187,7 +187,7 @@ class ToyPairsBuilder(Builder):
     name in the scorers mapping when it holds one (e.g. ``scorers=toy_preference``), else the toy scorer built
     here; either way its fingerprint is in the key. The images come from the backbone the runner is given."""
 
-    name = "toy_pairs"
+    name = "pairs"  # files pairs-<key>.parquet, as before builders existed
     item_unit = "pair"
     chunk_size = 64
     needs_backbone = True
@@ -277,7 +277,7 @@ def ensure_toy_pairs(path: str | os.PathLike, weights: str | None = None, split:
                               tie_margin, heldout_fraction, include_explicit, config_key="dataset.generate")
     _check_weights(weights)
     backbone = build_toy_backbone(weights=weights)
-    return ensure_built(builder, path, backbone, {}, chunk_size=max(1, int(batch_size) // 2), name="pairs")
+    return ensure_built(builder, path, backbone, {}, chunk_size=max(1, int(batch_size) // 2))
 
 
 def main(argv: list[str] | None = None) -> Path | None:

@@ -1,4 +1,4 @@
-"""Callbacks: the metrics file, validation sample grids, and exporting trained weights."""
+"""Callbacks: the metrics file, validation sample grids, and exporting trained weights (docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 
+from alignment.files import atomic_write, save_png
 from alignment.sampling.sample import image_grid, sample_images, to_pil
 from alignment.training.lora import save_lora
 
@@ -50,16 +51,23 @@ class MetricsFile(L.Callback):
 
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and before the first step) sample the validation prompts with fixed seeds and save
-    a grid (rows = prompts, columns = seeds) to ``samples/step_XXXXXX.png``, logging it to W&B when active."""
+    a grid (rows = prompts, columns = seeds) to ``samples/step_XXXXXX.png``, logging it to W&B when active.
+
+    The objective's conditioner (if any) conditions the samples, with ``extras`` (one value per prompt) as its
+    per-sample inputs. Every process samples the same grid — a sharded (FSDP) model needs every rank in each
+    forward — and rank 0 writes it."""
 
     def __init__(self, folder: str | Path, prompts: list[str], seeds: list[int], every_n_steps: int = 100,
-                 num_inference_steps: int = 20, guidance_scale: float = 5.0):
+                 num_inference_steps: int = 20, guidance_scale: float = 5.0, negative_prompt: str = "",
+                 extras: dict[str, list] | None = None):
         self.folder = Path(folder)
         self.prompts = list(prompts)
         self.seeds = [int(s) for s in seeds]
         self.every_n_steps = int(every_n_steps)
         self.num_inference_steps = int(num_inference_steps)
         self.guidance_scale = float(guidance_scale)
+        self.negative_prompt = str(negative_prompt or "")
+        self.extras = {name: list(values) for name, values in (extras or {}).items()}
         self._last_step = -1
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -74,18 +82,29 @@ class SampleGrid(L.Callback):
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
             self._make_grid(trainer, pl_module)
 
-    def _make_grid(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not self.prompts or self.every_n_steps <= 0:
-            return
+    def sample(self, pl_module):
+        """The grid's images (prompt-major, one per (prompt, seed)) from the module's current model."""
         prompts = [p for p in self.prompts for _ in self.seeds]
         seeds = [s for _ in self.prompts for s in self.seeds]
+        extras = {name: [v for v in values for _ in self.seeds] for name, values in self.extras.items()}
         was_training = pl_module.training
         pl_module.eval()
-        images = sample_images(pl_module.backbone, prompts, seeds, self.num_inference_steps, self.guidance_scale)
-        pl_module.train(was_training)
+        try:
+            return sample_images(pl_module.backbone, prompts, seeds, self.num_inference_steps, self.guidance_scale,
+                                 negative_prompt=self.negative_prompt, conditioner=pl_module.objective.conditioner,
+                                 extras=extras)
+        finally:
+            pl_module.train(was_training)
+
+    def _make_grid(self, trainer, pl_module) -> None:
+        if not self.prompts or self.every_n_steps <= 0:
+            return
+        images = self.sample(pl_module)  # on every rank (see the class docstring)
+        if not trainer.is_global_zero:
+            return
         grid = image_grid(to_pil(images), columns=len(self.seeds))
         self.folder.mkdir(parents=True, exist_ok=True)
-        grid.save(self.folder / f"step_{trainer.global_step:06d}.png")
+        save_png(grid, self.folder / f"step_{trainer.global_step:06d}.png")
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger
                 logger.log_image(key="samples", images=[grid], step=trainer.global_step,
@@ -93,29 +112,60 @@ class SampleGrid(L.Callback):
 
 
 class ExportWeights(L.Callback):
-    """At the end of training write what was trained in loadable, safetensors form: the LoRA adapter as
-    ``lora/pytorch_lora_weights.safetensors`` (stock ``load_lora_weights`` reads it), the full UNet as ``unet/``
-    in diffusers layout, plus anything the objective exports itself."""
+    """At the end of training write what was trained in loadable, safetensors form (docs/contract.md#run-folders):
+    the LoRA adapter as ``lora/pytorch_lora_weights.safetensors`` (stock ``load_lora_weights`` reads it), the full
+    UNet as ``unet/`` in diffusers layout, the objective's conditioner as ``conditioner/``, plus anything the
+    objective exports itself.
+
+    The weights come from the strategy's full state dict, which every process takes part in building (FSDP gathers
+    its shards there); rank 0 writes the files."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        export(pl_module, self.run_dir)
+        state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP: every rank calls it
+        if trainer.is_global_zero:
+            export(pl_module, self.run_dir, state)
 
 
-def export(pl_module, run_dir: Path) -> dict[str, Path]:
+EXPORTED = ("lora", "unet", "conditioner")
+
+
+def _sub_state(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def module_prefix(root, module) -> str:
+    """The state-dict prefix of ``module`` inside ``root`` (``objective.conditioner.``)."""
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return f"{name}." if name else ""
+    raise ValueError(f"{type(module).__name__} is not part of {type(root).__name__}")
+
+
+def export(pl_module, run_dir: Path, state: dict | None = None) -> dict[str, Path]:
+    """Write the trained parts from ``state`` (the module's full state dict; default: the live module's)."""
+    from safetensors.torch import save_file
+
+    state = pl_module.state_dict() if state is None else state
     written = {}
     unet = pl_module.backbone.unet
+    unet_state = _sub_state(state, module_prefix(pl_module, unet))
     if pl_module.finetune == "lora":
-        written["lora"] = save_lora(unet, run_dir / "lora")
+        written["lora"] = save_lora(unet, run_dir / "lora", state_dict=unet_state)
     elif pl_module.finetune == "full":
-        unet.save_pretrained(str(run_dir / "unet"), safe_serialization=True)
-        written["unet"] = run_dir / "unet"
+        folder = run_dir / "unet"
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet_state.items()}
+        atomic_write(folder / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        unet.save_config(str(folder))
+        written["unet"] = folder
+    conditioner = pl_module.objective.conditioner
+    if conditioner is not None:
+        written["conditioner"] = conditioner.save_pretrained(
+            run_dir / "conditioner", state_dict=_sub_state(state, module_prefix(pl_module, conditioner)))
     export_objective = getattr(pl_module.objective, "export", None)
     if export_objective is not None:
         written.update(export_objective(run_dir) or {})
     return written
-

@@ -31,21 +31,23 @@ def add_lora(unet, rank: int = 8, alpha: float | None = None, target_modules=("t
             param.data = param.data.float()
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The adapter weights with diffusers' key names (``...lora.down.weight`` / ``...lora.up.weight``)."""
+def lora_state_dict(unet, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The trained adapter's weights with diffusers' key names (``...lora.down.weight`` / ``...lora.up.weight``);
+    from ``state_dict`` (the UNet's full state, e.g. gathered from a sharded model) when given, else the live UNet."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
 
 
-def save_lora(unet, folder: str | Path) -> Path:
+def save_lora(unet, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` (with the LoRA config as metadata, so alpha survives)."""
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous()
+             for k, v in lora_state_dict(unet, state_dict).items()}
     metadata = unet.peft_config["default"].to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state,

@@ -1,9 +1,11 @@
 """The one generic LightningModule: it trains whatever objective it is given, on whatever backbone.
 
-It owns the parts every method shares — what is trainable (LoRA through peft, the full UNet with a frozen reference
-copy, or only the objective's own modules), turning a data batch into latents and conditioning, the optimizer and
-schedule, logging, the non-finite loss guard and what goes into checkpoints — so that a new method is one objective
-file plus one YAML, with no edit here.
+It owns the parts every method shares — what is trainable (LoRA through peft, the full UNet, or only the objective's
+own modules), the reference strategy (``method.reference``), the frozen helpers an objective asks for (scorers:
+moved to the training device, never trained, never checkpointed), turning a data batch (pairs or prompts, with
+their extras) into latents and conditioning (through the objective's conditioner, if it has one), the optimizer
+and schedule over exactly the trainable parameters, logging, the non-finite loss guard and what goes into
+checkpoints — so that a new method is one objective file plus one YAML, with no edit here (docs/contract.md).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from alignment.conditioning import condition
 from alignment.errors import ConfigError, TrainingError
-from alignment.objectives.base import Objective, PairBatch, sample_seed
+from alignment.objectives.base import Objective, PairBatch, PromptBatch, sample_seed
 from alignment.training.lora import add_lora
+from alignment.training.reference import make_reference
 from alignment.training.speed import make_optimizer
 
 FINETUNE_MODES = ("lora", "full", "none")
@@ -24,7 +28,7 @@ VAE_NOISE_STREAM_W, VAE_NOISE_STREAM_L = 2, 3
 class AlignmentModule(L.LightningModule):
     def __init__(self, backbone, objective: Objective, finetune: str = "lora", lora: dict | None = None,
                  optimizer: dict | None = None, lr_scheduler: dict | None = None, seed: int = 0,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, reference: str = "auto", scorers: dict | None = None):
         super().__init__()
         self.backbone = backbone
         self.objective = objective
@@ -41,18 +45,40 @@ class AlignmentModule(L.LightningModule):
         if finetune == "lora":
             add_lora(backbone.unet, **(lora or {}))
         elif finetune == "full":
-            if objective.needs_reference:
-                backbone.make_reference_copy()
             backbone.unet.requires_grad_(True)
+        if objective.needs_reference:
+            backbone.use_reference(make_reference(reference, backbone.unet, finetune))
         if gradient_checkpointing:
             backbone.unet.enable_gradient_checkpointing()
-        objective.setup(backbone)
+        objective.setup(backbone, scorers or {})
         if not self.trainable_parameters():
             raise ConfigError(f"nothing to train: method.finetune={finetune!r} and the objective "
                               f"{type(objective).__name__} has no trainable parameters")
+        stray = sorted({name for name, p in self.named_parameters() if p.requires_grad}
+                       - set(self.trainable_names()))
+        if stray:  # a parameter that would silently never train (or a frozen part left unfrozen by mistake)
+            raise ConfigError(f"{stray[0]} requires grad but is neither the UNet adapter / UNet nor listed by "
+                              f"{type(objective).__name__}.trainable_parameters()")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+        """What the optimizer updates and the checkpoint holds: the UNet's trainable parameters (its LoRA adapter,
+        or all of it for a full fine-tune) plus ``objective.trainable_parameters()`` — nothing else."""
+        params, seen = [], set()
+        for param in [*(p for p in self.backbone.unet.parameters() if p.requires_grad),
+                      *self.objective.trainable_parameters()]:
+            if id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+        return params
+
+    def trainable_names(self) -> list[str]:
+        wanted = {id(p) for p in self.trainable_parameters()}
+        return [name for name, p in self.named_parameters() if id(p) in wanted]
+
+    def on_fit_start(self) -> None:
+        # frozen helpers (scorers, ...) are not submodules: move them to the training device and dtype here
+        for module in self.objective.frozen_modules().values():
+            module.to(self.device, self.backbone.weight_dtype)
 
     # ---------------------------------------------------------------------------------------------- batches
     def _latents(self, pixels: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
@@ -65,9 +91,18 @@ class AlignmentModule(L.LightningModule):
             sample_seed(self.seed, self.global_step, int(row), stream))) for row in index.tolist()]
         return torch.stack(noise).to(self.device)
 
-    def to_pair_batch(self, batch: dict) -> PairBatch:
-        """Raw pixels and captions -> latents and conditioning; cached moments/embeddings skip the encoders."""
+    def to_batch(self, batch: dict) -> PairBatch | PromptBatch:
+        """A collated batch -> the objective's input: pairs (pixels or cached moments -> latents) or prompts, with
+        the frozen prompt conditioning (cached or encoded here), passed through the objective's conditioner."""
         index = torch.as_tensor(batch["index"]).cpu()
+        captions = list(batch.get("caption", []))
+        extras = batch.get("extras", {})
+        cached = {k[len("cond."):]: v for k, v in batch.items() if k.startswith("cond.")}
+        prompt_cond = cached or self.backbone.encode_prompt(captions)
+        if "moments_w" not in batch and "pixel_values_w" not in batch:
+            cond = condition(self.backbone, captions, extras, self.objective.conditioner, prompt_cond)
+            return PromptBatch(captions=captions, cond=cond, index=index, step=int(self.global_step),
+                               extras=extras, prompt_cond=prompt_cond)
         if "moments_w" in batch:  # latent cache: posterior (mean, std) stored, sampled here per step
             mean_w, std_w = batch["moments_w"].chunk(2, dim=1)
             mean_l, std_l = batch["moments_l"].chunk(2, dim=1)
@@ -75,24 +110,23 @@ class AlignmentModule(L.LightningModule):
                 index, mean_w.shape[1:], VAE_NOISE_STREAM_W))
             latents_l = self.backbone.latents_from_moments(mean_l, std_l, self._vae_noise(
                 index, mean_l.shape[1:], VAE_NOISE_STREAM_L))
-            cond = {k[len("cond."):]: v for k, v in batch.items() if k.startswith("cond.")}
         else:
             latents_w = self._latents(batch["pixel_values_w"], index, VAE_NOISE_STREAM_W)
             latents_l = self._latents(batch["pixel_values_l"], index, VAE_NOISE_STREAM_L)
-            cond = self.backbone.encode_prompt(batch["caption"])
-        cond.update(self.backbone.image_conditioning(batch))  # e.g. SDXL's per-sample time_ids
+        prompt_cond = {**prompt_cond, **self.backbone.image_conditioning(batch)}  # e.g. SDXL's per-sample time_ids
+        cond = condition(self.backbone, captions, extras, self.objective.conditioner, prompt_cond)
         return PairBatch(latents_w=latents_w, latents_l=latents_l, cond=cond, index=index,
-                         step=int(self.global_step), captions=list(batch.get("caption", [])))
+                         step=int(self.global_step), captions=captions, extras=extras, prompt_cond=prompt_cond)
 
     # --------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        pairs = self.to_pair_batch(batch)
-        out = self.objective(self.backbone, pairs, self.seed)
+        inputs = self.to_batch(batch)
+        out = self.objective(self.backbone, inputs, self.seed)
         if not torch.isfinite(out.loss):
-            rows = pairs.index.tolist()
+            rows = inputs.index.tolist()
             raise TrainingError(f"loss is {out.loss.item()} at step {self.global_step} (dataset rows {rows}); "
                                 "stopping — lower method.optimizer.lr or method.beta, or check the data")
-        batch_size = pairs.latents_w.shape[0]
+        batch_size = inputs.batch_size
         self.log("train/loss", out.loss.detach(), prog_bar=True, sync_dist=True, batch_size=batch_size)
         for name, value in out.logs.items():
             self.log(f"train/{name}", value, prog_bar=name == "implicit_acc", sync_dist=True, batch_size=batch_size)
@@ -129,9 +163,12 @@ class AlignmentModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_keys(self, state_dict: dict) -> list[str]:
-        """Trainable parameters, every LoRA tensor (incl. frozen reference adapters) and the objective's state."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return [k for k in state_dict if k in trainable or "lora_" in k or k.startswith("objective.")]
+        """What a checkpoint holds: the trainable parameters, every LoRA tensor (incl. the frozen snapshot
+        reference adapter, so a resumed run compares against the same reference) and the objective's buffers
+        (e.g. counters). Frozen helpers are not submodules, so never here."""
+        keep = set(self.trainable_names())
+        keep |= {f"objective.{name}" for name, _ in self.objective.named_buffers()}
+        return [k for k in state_dict if k in keep or "lora_" in k]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
