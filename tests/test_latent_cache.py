@@ -115,8 +115,8 @@ def test_cached_training_step_equals_uncached(tmp_path, pairs_file, hf_cache):
     raw_items, cached_items = [dataset[k] for k in keys], [cached[k] for k in keys]
     assert [c["caption"] for c in cached_items] == [r["caption"] for r in raw_items]
     assert [c["index"] for c in cached_items] == [r["index"] for r in raw_items]
-    raw = module.to_pair_batch(collate_pairs(raw_items))
-    hit = module.to_pair_batch(cached.collate_fn(cached_items))
+    raw = module.to_batch(collate_pairs(raw_items))
+    hit = module.to_batch(cached.collate_fn(cached_items))
     torch.testing.assert_close(hit.latents_w, raw.latents_w, atol=1e-5, rtol=0)
     torch.testing.assert_close(hit.latents_l, raw.latents_l, atol=1e-5, rtol=0)
     assert hit.cond.keys() == raw.cond.keys() == {"encoder_hidden_states"}
@@ -134,8 +134,8 @@ def test_cached_training_step_equals_uncached(tmp_path, pairs_file, hf_cache):
     # Encoder batches of another size: equal up to float rounding, which beta=5000 amplifies in the loss.
     other = cached_pairs(dataset, backbone, _cfg(tmp_path / "b3"), batch_size=3)
     batch_keys = keys[:6]
-    raw = module.to_pair_batch(collate_pairs([dataset[k] for k in batch_keys]))
-    hit = module.to_pair_batch(other.collate_fn([other[k] for k in batch_keys]))
+    raw = module.to_batch(collate_pairs([dataset[k] for k in batch_keys]))
+    hit = module.to_batch(other.collate_fn([other[k] for k in batch_keys]))
     torch.testing.assert_close(hit.latents_w, raw.latents_w, atol=1e-5, rtol=0)
     torch.testing.assert_close(hit.latents_l, raw.latents_l, atol=1e-5, rtol=0)
     torch.testing.assert_close(module.objective(backbone, hit, seed=0).loss,
@@ -160,7 +160,8 @@ def test_items_are_pure_and_dropped_captions_use_empty_prompt(tmp_path, backbone
     for key in [(i, e) for i in range(ROWS) for e in (0, 5)]:
         item = cached[key]
         assert set(item) == {"moments_w", "moments_l", "cond.encoder_hidden_states", "caption", "index",
-                             "original_size", "crop_top_left"}
+                             "original_size", "crop_top_left", "extras"}
+        assert item["extras"] == {}  # no dataset.extra_columns
         assert item["moments_w"].shape == (8, RES // 2, RES // 2) and item["moments_w"].dtype == torch.float32
         torch.testing.assert_close(cached[key]["moments_l"], item["moments_l"], atol=0, rtol=0)  # pure
         drop, _ = _decisions(3, key[0], key[1], 0.5)

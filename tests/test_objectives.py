@@ -1,4 +1,5 @@
-"""Diffusion-DPO and SFT against independent computations on fixed tensors (SPEC §0–1)."""
+"""Diffusion-DPO and SFT against independent computations on fixed tensors (docs/conventions.md,
+docs/diffusion_dpo.md)."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def test_dpo_at_initialisation_is_log2():
     add_lora(backbone.unet, rank=4, alpha=4)  # B = 0: the policy equals the reference
     out = DiffusionDPO(beta=5000)(backbone, _pair_batch(backbone), seed=0)
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    assert out.logs["implicit_acc"].item() == 0.0  # mean(z > 0) with z == 0 exactly (SPEC §1)
+    # mean(z > 0) with z == 0 exactly (docs/diffusion_dpo.md#logged-quantities)
+    assert out.logs["implicit_acc"].item() == 0.0
 
 
 def test_unshared_noise_draws_a_second_stream(lora_backbone):

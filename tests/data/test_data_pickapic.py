@@ -76,7 +76,9 @@ def test_winner_and_loser_follow_label_0(tie_file, cache_dir):
 
 def test_item_format(tie_file, cache_dir):
     item = _pairs(tie_file, cache_dir)[(3, 1)]
-    assert set(item) == {"pixel_values_w", "pixel_values_l", "caption", "index", "original_size", "crop_top_left"}
+    assert set(item) == {"pixel_values_w", "pixel_values_l", "caption", "index", "extras", "original_size",
+                         "crop_top_left"}
+    assert item["extras"] == {}  # no dataset.extra_columns
     assert item["original_size"].tolist() == [32, 32]  # this fixture writes 32 px squares
     for key in ("pixel_values_w", "pixel_values_l"):
         assert item[key].shape == (3, SIZE, SIZE) and item[key].dtype == torch.float32
