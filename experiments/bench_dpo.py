@@ -142,29 +142,34 @@ def run_bare(workdir: Path, steps: int, warmup: int) -> float:
     return statistics.median(durations[warmup + 1:])
 
 
-def peak_rss_growth_mib(method: str, batch_size: int, steps: int) -> float:
-    """Peak RSS growth while training, in a fresh process (so other runs' memory does not count)."""
-    out = subprocess.run([sys.executable, __file__, "memory-child", method, str(batch_size), str(steps)],
-                         capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return float(out.stdout.strip().splitlines()[-1])
+def peak_rss_growth_mib(method: str, batch_size: int, steps: int, overrides: tuple[str, ...] = (),
+                        absolute: bool = False) -> float:
+    """Peak RSS growth while training (or, with ``absolute``, the process's peak RSS), in a fresh process (so other
+    runs' memory does not count). ``overrides``: further config overrides, e.g. ``method.reference=snapshot``."""
+    out = subprocess.run([sys.executable, __file__, "memory-child", method, str(batch_size), str(steps), *overrides],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    growth, peak = out.stdout.strip().splitlines()[-1].split()
+    return float(peak if absolute else growth)
 
 
-def memory_child(method: str, batch_size: int, steps: int) -> None:
-    """Build everything, note the RSS, train, report the peak RSS growth (MiB) on the last line of stdout."""
+def memory_child(method: str, batch_size: int, steps: int, overrides: list[str] | None = None) -> None:
+    """Build everything, note the RSS, train, print ``<peak RSS growth> <peak RSS>`` (MiB) as the last line."""
     from alignment.training.recipe import make_builder, prepare_data
     import lightning as L
 
     from alignment.config import instantiate_checked, to_plain
+    from alignment.objectives.compose import build_objective
     from alignment.training.datamodule import AlignmentDataModule
     from alignment.training.module import AlignmentModule
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose([*CPU_RUN, f"method={method}", f"dataset.batch_size={batch_size}", "dataset.resolution=64",
-                       "backbone.resolution=64", f"trainer.max_steps={steps}"], Path(tmp))
+                       "backbone.resolution=64", f"trainer.max_steps={steps}", *(overrides or [])], Path(tmp))
         dataset = prepare_data(cfg, make_builder(cfg))
         backbone = instantiate_checked(cfg.backbone, "backbone")
-        module = AlignmentModule(backbone, instantiate_checked(cfg.method.objective, "method.objective"),
-                                 finetune="lora", lora=to_plain(cfg.method.lora),
+        module = AlignmentModule(backbone, build_objective(cfg.method, cfg.get("terms")),
+                                 finetune="lora", lora=to_plain(cfg.method.lora), reference=cfg.method.reference,
                                  optimizer=to_plain(cfg.method.optimizer), lr_scheduler=to_plain(cfg.method.lr_scheduler))
         datamodule = AlignmentDataModule(dataset, batch_size=batch_size, seed=0)
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
@@ -174,7 +179,7 @@ def memory_child(method: str, batch_size: int, steps: int) -> None:
             before = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         trainer.fit(module, datamodule=datamodule)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        print(f"{peak - before:.1f}")
+        print(f"{peak - before:.1f} {peak:.1f}")
 
 
 def cpu_suite(args) -> dict:
@@ -211,6 +216,37 @@ def cpu_suite(args) -> dict:
     print(f"| peak RSS growth DPO ({args.memory_batch} pairs) / SFT ({2 * args.memory_batch} images), 64 px | "
           f"{dpo:.0f} / {sft:.0f} MiB = {results['dpo_over_sft_memory']:.2f}x | <= 1.15x |")
     return results
+
+
+def reference_suite(args) -> dict:
+    """Peak memory of LoRA-DPO with the snapshot reference (a second, frozen LoRA adapter) against the
+    adapters-disabled reference, each in fresh processes, interleaved; plus the exact bytes the snapshot adds."""
+    from alignment.backbones.tiny import build_tiny_backbone
+    from alignment.training.lora import add_lora
+    from alignment.training.reference import make_reference
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["ALIGNMENT_DATA_DIR"] = str(Path(tmp) / "data")
+        runs = {"base": [], "snapshot": []}
+        for _ in range(args.repeats):
+            for name in runs:
+                runs[name].append(peak_rss_growth_mib("dpo", args.batch, args.steps, (f"method.reference={name}",),
+                                                      absolute=True))
+    backbone = build_tiny_backbone(resolution=64)
+    add_lora(backbone.unet, rank=8, alpha=8)
+    before = sum(p.numel() * p.element_size() for p in backbone.unet.parameters())
+    make_reference("snapshot", backbone.unet, "lora")
+    added = sum(p.numel() * p.element_size() for p in backbone.unet.parameters()) - before
+    base, snapshot = statistics.median(runs["base"]), statistics.median(runs["snapshot"])
+    print(f"\nLoRA-DPO on the tiny backbone at 64 px, {args.batch} pairs, {args.steps} steps, {args.threads} threads; "
+          f"peak RSS of a fresh process, median of {args.repeats} (interleaved)")
+    print("| reference | peak RSS | ratio |\n|---|---|---|")
+    print(f"| base (adapters disabled) | {base:.0f} MiB | 1.00x |")
+    print(f"| snapshot (frozen LoRA copy) | {snapshot:.0f} MiB | {snapshot / base:.3f}x |")
+    print(f"snapshot adds {added / 2**20:.3f} MiB of parameters (one copy of the LoRA); UNet "
+          f"{before / 2**20:.1f} MiB; runs: {runs}")
+    return {"base_mib": base, "snapshot_mib": snapshot, "ratio": snapshot / base, "added_bytes": added, "runs": runs}
 
 
 # --------------------------------------------------------------------------------------------------- GPU suite
@@ -370,13 +406,22 @@ def main(argv=None) -> int:
     flops = sub.add_parser("flops", help="model FLOPs of one LoRA-DPO pair, counted on the meta device")
     flops.add_argument("--archs", nargs="+", default=["sd15", "sdxl"])
     flops.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024])
+    reference = sub.add_parser("reference", help="peak memory: snapshot reference vs adapters disabled")
+    reference.add_argument("--batch", type=int, default=8)
+    reference.add_argument("--steps", type=int, default=5)
+    reference.add_argument("--repeats", type=int, default=3)
+    reference.add_argument("--threads", type=int, default=1)
     child = sub.add_parser("memory-child")
     child.add_argument("method")
     child.add_argument("batch_size", type=int)
     child.add_argument("steps", type=int)
+    child.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if args.suite == "memory-child":
-        memory_child(args.method, args.batch_size, args.steps)
+        memory_child(args.method, args.batch_size, args.steps, args.overrides)
+        return 0
+    if args.suite == "reference":
+        reference_suite(args)
         return 0
     if args.suite == "flops":
         for arch, resolution in zip(args.archs, args.resolutions):

@@ -454,3 +454,54 @@ def test_sample_grid_and_export_under_ddp(tmp_path, pairs_with_strength):
     grid_one = np.asarray(Image.open(single / "samples" / "step_000002.png"), dtype=np.int16)
     grid_two = np.asarray(Image.open(ddp / "samples" / "step_000002.png"), dtype=np.int16)
     assert np.abs(grid_one - grid_two).max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------ 5. prompt-only
+@pytest.mark.slow
+def test_reward_through_the_gradient_sampler_raises_the_score_on_its_training_prompts(tmp_path):
+    """RewardThroughSampler (DRaFT-1 in miniature: LoRA, K = 1 of 10 DDIM steps, CFG 3) on the toy world's 56
+    training captions with toy_colour as the reward. Measured by hand with training seeds 0, 1, 2 (100 steps of 4
+    prompts, lr 1e-3; experiments/toy_world/NOTES.md): mean toy_colour 0.911 -> 0.928 / 0.928 / 0.926 on 4 fresh
+    seeds per caption, paired standard error 0.003, 47-49 of 56 captions up. Asserted here for seeds 0 and 1: each
+    gain beyond 3 paired standard errors and beyond 3x the difference between the two runs."""
+    from alignment.runs import load_adapter
+    from alignment.sampling.sample import sample_images
+    from alignment.toy.backbone import build_toy_backbone
+    from alignment.toy.pairs import captions_for
+    from alignment.toy.scorers import ToyColour
+
+    prompts = captions_for("train")
+    (tmp_path / "train.txt").write_text("\n".join(prompts) + "\n")
+    seeds = [1000, 1001, 1002, 1003]  # not the training draws
+
+    def colour(lora=None) -> torch.Tensor:
+        backbone = build_toy_backbone().eval()
+        if lora is not None:
+            load_adapter(backbone, lora)
+        all_prompts = [p for p in prompts for _ in seeds]
+        all_seeds = [s for _ in prompts for s in seeds]
+        images = torch.cat([sample_images(backbone, all_prompts[i:i + 64], all_seeds[i:i + 64], 10, 3.0)
+                            for i in range(0, len(all_prompts), 64)])
+        return ToyColour()(images, all_prompts).view(len(prompts), len(seeds))
+
+    base = colour()
+    means, gains = [], []
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        check_ok(run_cli("alignment.run", "backbone=toy", "method=sft",
+                         f"method.objective={{_target_:{PARTS}.RewardThroughSampler}}",
+                         "+method.objective.reward=toy_colour", "scorers=toy_colour", "dataset=prompts",
+                         f"dataset.source={tmp_path / 'train.txt'}", "dataset.batch_size=4", "trainer.max_steps=100",
+                         "method.optimizer.lr=1e-3", "logger=none", "samples.every_n_steps=0", f"seed={seed}",
+                         f"hydra.run.dir={run}", timeout=900))
+        assert len(read_metrics(run)) == 100 and "reward" in read_metrics(run)[0]
+        tuned = colour(run / "lora" / "pytorch_lora_weights.safetensors")
+        per_prompt = (tuned - base).mean(dim=1)
+        gain, stderr = per_prompt.mean().item(), (per_prompt.std() / len(prompts) ** 0.5).item()
+        print(f"\nseed {seed}: toy_colour {base.mean().item():.4f} -> {tuned.mean().item():.4f} (gain {gain:.4f} "
+              f"± {stderr:.4f}, {(per_prompt > 0).sum().item()}/{len(prompts)} captions up)")
+        assert gain > 3 * stderr
+        means.append(tuned.mean().item())
+        gains.append(gain)
+    run_to_run = abs(means[0] - means[1])
+    assert min(gains) > 3 * run_to_run, (gains, run_to_run)
