@@ -37,6 +37,7 @@ bench: install   # CPU benchmarks: framework overhead, latent-cache speed-up, DP
 	$(PY) experiments/bench_dpo.py cpu
 	$(PY) experiments/bench_dpo.py flops
 	$(PY) experiments/bench_grad_sampler.py   # gradient sampler: memory of a DRaFT step vs sampling steps, K
+	$(PY) experiments/bench_dpo.py reference  # snapshot reference vs adapters disabled: peak memory
 
 bench-gpu: install   # on a GPU machine: pairs/s and MFU of LoRA-DPO for SD 1.5 @512 and SDXL @1024, per switch
 	$(PY) experiments/bench_dpo.py gpu

@@ -100,9 +100,9 @@ def _out_folder(value) -> Path:
 
 
 def _chunk_size(value) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"chunk_size must be a positive integer or null (the builder's default), got {value!r}")
-    return value
+    from alignment.config import positive_int
+
+    return None if value is None else positive_int(value, "chunk_size")
 
 
 def build_dataset(cfg: DictConfig):

@@ -36,8 +36,6 @@ def positive_int(value, key: str) -> int:
     return int(value)
 
 
-require_positive_int = positive_int
-
 
 def integer(value, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):

@@ -128,11 +128,18 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, data_dir):
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-3)
     lora_one = load_file(single / "lora" / LORA_WEIGHT_NAME)
     lora_two = load_file(ddp / "lora" / LORA_WEIGHT_NAME)
-    # LoRA B ("lora.up") starts at zero, so its size is how far training moved; the two runs agree to 1 % of it
-    # (Adam normalises each gradient element, so float rounding on near-zero gradients is what remains)
-    moved = max(lora_one[k].abs().max().item() for k in lora_one if ".lora.up." in k)
-    differ = max((lora_one[k] - lora_two[k]).abs().max().item() for k in lora_one)
+    # LoRA B ("lora.up") starts at zero, so its size is how far training moved; the two runs agree to 1 % of it in
+    # norm. Element by element, Adam normalises each gradient element, so an element whose gradient is ~0 can move
+    # by up to ±lr per step in either run depending on float rounding: a few elements differ by a fraction of
+    # lr·steps (measured 2026-12-02: norm ratio 0.07 %, 3 of 19,968 elements above 1 % of the largest move, the
+    # largest 1.2e-6 = 0.04·lr·steps; the former element-wise 1 % bound held only for some data draws).
+    up = [k for k in lora_one if ".lora.up." in k]
+    moved = sum(lora_one[k].pow(2).sum() for k in up).sqrt().item()
+    differ = sum((lora_one[k] - lora_two[k]).pow(2).sum() for k in lora_one).sqrt().item()
     assert moved > 1e-6 and differ < 0.01 * moved, (moved, differ)
+    lr_steps = 1e-5 * 3  # the default method.optimizer.lr times the steps
+    largest = max((lora_one[k] - lora_two[k]).abs().max().item() for k in lora_one)
+    assert largest < 0.2 * lr_steps, largest
 
 
 def test_wandb_logger_runs_offline(tmp_path, data_dir):

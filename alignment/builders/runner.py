@@ -132,10 +132,9 @@ def _check_backbone(builder: Builder, backbone) -> None:
 
 
 def _chunk_size(builder: Builder, chunk_size) -> int:
-    size = builder.chunk_size if chunk_size is None else chunk_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"chunk_size must be a positive integer, got {size!r}")
-    return size
+    from alignment.config import positive_int
+
+    return positive_int(builder.chunk_size if chunk_size is None else chunk_size, "chunk_size")
 
 
 def _num_items(builder: Builder) -> int:

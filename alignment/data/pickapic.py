@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from alignment.config import positive_int
 from alignment.data.extras import check_extra_columns, collate_extras
 from alignment.data.images import PairTransform, decode_image
 from alignment.errors import ConfigError, DataError
@@ -167,10 +168,9 @@ class PreferencePairs(Dataset):
             raise ConfigError(f"dataset.bad_rows must be one of {', '.join(BAD_ROW_POLICIES)}, got {bad_rows!r}")
         if not isinstance(proportion_empty_prompts, (int, float)) or not 0.0 <= proportion_empty_prompts <= 1.0:
             raise ConfigError(f"dataset.proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts!r}")
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-            raise ConfigError(f"dataset.resolution must be a positive integer, got {resolution!r}")
-        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-            raise ConfigError(f"dataset.max_rows must be a positive integer or null, got {max_rows!r}")
+        positive_int(resolution, "dataset.resolution")
+        if max_rows is not None:
+            positive_int(max_rows, "dataset.max_rows")
 
         self.extra_columns = check_extra_columns(extra_columns)
         self.source = os.fspath(source)

@@ -32,8 +32,14 @@ BATCH_KINDS = ("pairs", "prompts")
 _ACTIVE = ("objective call in progress",)
 
 
+class _ConditionedBatch:
+    def __post_init__(self):
+        if self.prompt_cond is None:  # no conditioner: the UNet sees the text encoder's own conditioning
+            self.prompt_cond = self.cond
+
+
 @dataclass
-class PairBatch:
+class PairBatch(_ConditionedBatch):
     latents_w: torch.Tensor                      # (B, C, h, w) preferred image latents, scaled
     latents_l: torch.Tensor | None               # (B, C, h, w) dispreferred latents
     cond: dict[str, torch.Tensor]                # conditioning of the captions (after the objective's conditioner)
@@ -45,17 +51,13 @@ class PairBatch:
     # Denoising passes computed for this batch, shared by the terms of a composed objective (see ``shared_pass``).
     memo: dict = field(default_factory=dict, repr=False)
 
-    def __post_init__(self):
-        if self.prompt_cond is None:
-            self.prompt_cond = self.cond
-
     @property
     def batch_size(self) -> int:
         return int(self.latents_w.shape[0])
 
 
 @dataclass
-class PromptBatch:
+class PromptBatch(_ConditionedBatch):
     """Prompt-only data: methods that sample images online (DRaFT-K, Focus-N-Fix)."""
 
     captions: list[str]
@@ -65,10 +67,6 @@ class PromptBatch:
     extras: dict[str, Any] = field(default_factory=dict)
     prompt_cond: dict[str, torch.Tensor] | None = None
     memo: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        if self.prompt_cond is None:
-            self.prompt_cond = self.cond
 
     @property
     def batch_size(self) -> int:

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import torch
 
 from alignment.builders.base import Builder
+from alignment.config import positive_int
 from alignment.errors import ConfigError
 from alignment.toy import world as W
 
@@ -199,10 +200,7 @@ class ToyPairsBuilder(Builder):
                  include_explicit: bool = True, config_key: str = "builder"):
         _check_settings(pairs_per_caption, guidance_scales, tie_margin, config_key)
         _check_judge(judge, config_key)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or num_inference_steps < 1:
-            raise ConfigError(f"{config_key}.num_inference_steps must be a positive integer, "
-                              f"got {num_inference_steps!r}")
+        positive_int(num_inference_steps, f"{config_key}.num_inference_steps")
         self.split, self.pairs_per_caption = split, int(pairs_per_caption)
         self.guidance_scales = [float(g) for g in guidance_scales]
         self.num_inference_steps, self.seed, self.judge = int(num_inference_steps), int(seed), judge

@@ -99,7 +99,8 @@ class SampleGrid(L.Callback):
     def _make_grid(self, trainer, pl_module) -> None:
         if not self.prompts or self.every_n_steps <= 0:
             return
-        images = self.sample(pl_module)  # on every rank (see the class docstring)
+        with full_parameters(trainer):
+            images = self.sample(pl_module)  # on every rank (see the class docstring)
         if not trainer.is_global_zero:
             return
         grid = image_grid(to_pil(images), columns=len(self.seeds))
@@ -109,6 +110,22 @@ class SampleGrid(L.Callback):
             if hasattr(logger, "log_image"):  # WandbLogger
                 logger.log_image(key="samples", images=[grid], step=trainer.global_step,
                                  caption=[" | ".join(self.prompts)])
+
+
+def full_parameters(trainer):
+    """Outside the training step a sharded (FSDP) model's root holds only this rank's shard of the parameters that
+    no inner unit wraps; calling submodules directly (as sampling does) needs them whole. Under FSDP this gathers them
+    for the block (every rank takes part); otherwise it does nothing."""
+    from contextlib import nullcontext
+
+    model = getattr(trainer.strategy, "model", None)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return nullcontext()
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+    return nullcontext()
 
 
 class ExportWeights(L.Callback):

@@ -144,7 +144,7 @@ def prepare_data(cfg: DictConfig, builder=None, backbone=None, scorers: dict | N
 
         with torch.random.fork_rng(devices=[]):
             source = ensure_built(builder, data.source, backbone=backbone, scorers=scorers or {})
-        print(f"dataset: {source}", file=sys.stderr)
+        print(f"dataset: generated pairs in {source}", file=sys.stderr)
     dataset = build_dataset(data, source)
     skipped = getattr(dataset, "skipped_rows", [])
     if skipped:
