@@ -45,6 +45,8 @@ class Conditioner(nn.Module):
 
     def forward(self, backbone, prompts: Sequence[str], extras: dict[str, Any],
                 prompt_cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        """``extras`` maps each name of ``self.extras`` to one value per prompt; a value may be None (a prompt file
+        row or a sample-grid prompt without that field) and must then mean "no extra input"."""
         raise NotImplementedError
 
     def negative(self, backbone, negative_cond: dict[str, torch.Tensor],
@@ -69,6 +71,23 @@ class Conditioner(nn.Module):
         return folder
 
 
+def read_config(folder: Path, key: str) -> dict:
+    config_file = Path(folder) / CONFIG_NAME
+    if not config_file.is_file():
+        raise ConfigError(f"{key}: {config_file} does not exist")
+    try:
+        spec = json.loads(config_file.read_text())
+        spec["_target_"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{key}: {config_file} is not a conditioner config ({err})") from None
+    return spec
+
+
+def exported_extras(folder: str | Path, key: str = "conditioner") -> tuple[str, ...]:
+    """The extras an exported conditioner reads (from its config, without building it)."""
+    return tuple(read_config(Path(folder), key).get("extras") or ())
+
+
 def load_conditioner(folder: str | Path, backbone, key: str = "conditioner") -> Conditioner:
     """Rebuild an exported conditioner onto ``backbone``; one-line errors naming ``key`` and the file."""
     from hydra.utils import get_object
@@ -76,21 +95,20 @@ def load_conditioner(folder: str | Path, backbone, key: str = "conditioner") -> 
 
     folder = Path(folder)
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise ConfigError(f"{key}: {file} does not exist")
-    try:
-        spec = json.loads(config_file.read_text())
-        target = spec["_target_"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{key}: {config_file} is not a conditioner config ({err})") from None
+    spec = read_config(folder, key)
+    target = spec["_target_"]
+    if not weights_file.is_file():
+        raise ConfigError(f"{key}: {weights_file} does not exist")
     try:
         cls = get_object(target)
     except Exception as err:  # noqa: BLE001
         raise ConfigError(f"{key}: {config_file} names {target!r}, which cannot be imported") from err
     if not (isinstance(cls, type) and issubclass(cls, Conditioner)):
         raise ConfigError(f"{key}: {config_file} names {target!r}, which is not an alignment Conditioner")
-    conditioner = cls(**spec.get("config", {}))
+    try:
+        conditioner = cls(**spec.get("config", {}))
+    except TypeError as err:  # a config written by another version of the class
+        raise ConfigError(f"{key}: {config_file} does not fit {target} ({err})") from None
     conditioner.setup(backbone)
     try:
         conditioner.load_state_dict(load_file(str(weights_file)))
@@ -109,7 +127,7 @@ def condition(backbone, prompts: Sequence[str], extras: dict[str, Any] | None = 
         prompt_cond = backbone.encode_prompt(list(prompts))
     if conditioner is None:
         return prompt_cond
-    return conditioner(backbone, list(prompts), dict(extras or {}), prompt_cond)
+    return _in_unet_dtype(backbone, conditioner(backbone, list(prompts), dict(extras or {}), prompt_cond))
 
 
 def negative_condition(backbone, batch_size: int, negative_prompt: str = "",
@@ -119,4 +137,11 @@ def negative_condition(backbone, batch_size: int, negative_prompt: str = "",
     negative = backbone.negative_conditioning(batch_size, negative_prompt)
     if conditioner is None:
         return negative
-    return conditioner.negative(backbone, negative, dict(extras or {}))
+    return _in_unet_dtype(backbone, conditioner.negative(backbone, negative, dict(extras or {})))
+
+
+def _in_unet_dtype(backbone, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A conditioner's trainable parts may compute in fp32 beside a bf16 UNet; sampling runs without autocast, so
+    its floating outputs are cast to the UNet's dtype (a differentiable cast: training gradients still flow)."""
+    dtype = backbone.unet.dtype
+    return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}

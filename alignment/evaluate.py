@@ -55,7 +55,8 @@ def evaluate(cfg: DictConfig) -> dict:
     backbone_node = OmegaConf.to_container(cfg.backbone, resolve=True)
     scorers = build_scorers(cfg.get("scorers"))
     metric_models = load_metric_models(plan, scorers, device)
-    caches = {name: ModelImages(plan.image_dir, spec, generation_settings(plan, spec, backbone_node))
+    caches = {name: ModelImages(plan.image_dir, spec, generation_settings(plan, spec, backbone_node),
+                                extras=plan.extras_for(spec.conditioner_extras))
               for name, spec in plan.models.items()}
     counts = generate_missing(plan, caches, lambda: instantiate_checked(cfg.backbone, "backbone"), cfg.backbone,
                               device)

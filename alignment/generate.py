@@ -84,16 +84,12 @@ def check_seeds(seeds) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def prompt_extras(records: list[dict], names) -> dict[str, list]:
-    """Per-prompt values of the extras a conditioner reads (None where a row lacks the field)."""
-    return {name: [record.get(name) for record in records] for name in names}
-
-
 def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_dir: Path, settings: dict,
                    grid: bool, batch_size: int) -> dict:
     """Sample one model (``spec`` applied to the backbone) into ``out_dir``: images, ``grid.png``, ``index.jsonl``."""
     import torch
 
+    from alignment.data.prompts import record_extras
     from alignment.runs import model_loaded
     from alignment.sampling.sample import image_grid, sample_images, to_pil
 
@@ -111,7 +107,7 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
             pixels = sample_images(backbone, [r["prompt"] for _, r, _ in batch], [s for _, _, s in batch],
                                    num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                                    negative_prompt=settings["negative_prompt"], conditioner=conditioner,
-                                   extras=prompt_extras([r for _, r, _ in batch], extras_names))
+                                   extras=record_extras([r for _, r, _ in batch], extras_names))
             for (i, record, seed), image in zip(batch, to_pil(pixels)):
                 name = image_name(i, seed)
                 save_png(image, out_dir / name)

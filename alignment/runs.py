@@ -67,6 +67,7 @@ class ModelSpec:
     unet_sha256: str | None = None
     conditioner: Path | None = None      # conditioner folder
     conditioner_sha256: str | None = None
+    conditioner_extras: tuple[str, ...] = ()   # the per-prompt extras the conditioner reads
     key: str = "models"                  # the config key that named it (errors name it)
 
     @property
@@ -135,8 +136,11 @@ def resolve_run(run, name: str, key: str, lora_scale: float = 1.0) -> ModelSpec:
         spec.unet = (folder / UNET_DIR).absolute()
         spec.unet_sha256 = folder_sha256(spec.unet)
     if (folder / CONDITIONER_DIR).is_dir():
+        from alignment.conditioning import exported_extras
+
         spec.conditioner = (folder / CONDITIONER_DIR).absolute()
         spec.conditioner_sha256 = folder_sha256(spec.conditioner)
+        spec.conditioner_extras = exported_extras(spec.conditioner, key)
     if spec.is_base:
         hint = " (it is still training, or it was stopped before the end)" if (folder / "checkpoints").is_dir() else ""
         raise ConfigError(f"{key}: {folder} holds none of lora/, unet/ or conditioner/ — what a run exports when "

@@ -284,6 +284,54 @@ def test_snapshot_refresh_changes_the_reference_at_the_refresh_step_and_not_befo
     assert torch.equal(steps[6][0], steps[6][1])                              # and again at step 6
 
 
+def test_refresh_hook_counts_optimizer_steps_and_a_refreshed_reference_resumes(tmp_path):
+    """The hook fires once per optimizer step (not per micro-batch) before checkpoints are written, and a snapshot
+    or frozen copy refreshed before a checkpoint is the reference after resuming from it."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from alignment.backbones.tiny import build_tiny_backbone
+    from alignment.data.component import build_dataset
+    from alignment.data.synthetic import make_synthetic_pairs
+    from alignment.objectives.dpo import DiffusionDPO
+    from alignment.training.checkpointing import AtomicCheckpointIO
+    from alignment.training.datamodule import AlignmentDataModule
+    from alignment.training.module import AlignmentModule
+
+    hooked = []
+
+    class RefreshAt2(DiffusionDPO):
+        def on_optimizer_step_end(self, backbone, step):
+            hooked.append(step)
+            if step == 2:
+                backbone.reference.refresh()
+
+    dataset = build_dataset(compose(tmp_path).dataset, make_synthetic_pairs(tmp_path / "pairs.parquet", num_rows=8))
+    x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([300])
+
+    def run(reference, finetune, max_steps, ckpt=None, folder="ckpt"):
+        backbone = build_tiny_backbone()
+        module = AlignmentModule(backbone, RefreshAt2(beta=2000), finetune=finetune, lora={"rank": 4, "alpha": 4},
+                                 optimizer={"lr": 1e-2}, reference=reference)
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                            plugins=[AtomicCheckpointIO()], callbacks=[ModelCheckpoint(
+                                dirpath=tmp_path / folder, every_n_train_steps=2, save_top_k=-1,
+                                filename="step={step}", auto_insert_metric_name=False)])
+        trainer.fit(module, datamodule=AlignmentDataModule(dataset, batch_size=2), ckpt_path=ckpt, weights_only=True)
+        cond = backbone.encode_prompt(["a red circle"])
+        with torch.no_grad(), backbone.reference_unet() as unet:
+            return backbone.unet_forward(x.to(backbone.unet.dtype), t, cond, unet=unet)
+
+    for reference, finetune in (("snapshot", "lora"), ("frozen_copy", "full")):
+        hooked.clear()
+        folder = f"ckpt_{reference}"
+        after_two = run(reference, finetune, 2, folder=folder)
+        assert hooked == [1, 2]  # 4 micro-batches, 2 optimizer steps
+        resumed = run(reference, finetune, 2, ckpt=str(tmp_path / folder / "step=2.ckpt"), folder=folder + "_r")
+        assert torch.equal(resumed, after_two), reference  # the refreshed reference came back from the checkpoint
+
+
 # ------------------------------------------------------------------------------------------------ 8. composition
 def test_dpo_plus_a_zero_weight_term_is_exactly_dpo():
     from alignment.backbones.tiny import build_tiny_backbone
@@ -363,6 +411,10 @@ def test_terms_from_the_command_line(tmp_path, data_dir):
     (("method.reference=snapshot", "method.finetune=full"), "method.reference=snapshot needs method.finetune=lora"),
     (("terms=[sft]", "terms.sft.weight=heavy"), "terms.sft.weight must be a finite number, got 'heavy'"),
     (("dataset.extra_columns=oops",), "dataset.extra_columns must be a list"),
+    (("samples.extras={value:3}",), "samples.extras.value must be a list with one value per sample prompt"),
+    (("samples.extras={value:[a]}",), "samples.extras.value must hold one value per sample prompt (2), got 1"),
+    (("+method.lr_scheduler.num_cycles=many",), "method.lr_scheduler.num_cycles must be a number"),
+    (("backbone=random",), "dataset.resolution: "),
 ])
 def test_config_values_are_checked_before_any_model(tmp_path, overrides, expected, monkeypatch):
     import alignment.config
@@ -371,9 +423,33 @@ def test_config_values_are_checked_before_any_model(tmp_path, overrides, expecte
     original = alignment.config.instantiate_checked
     monkeypatch.setattr(alignment.config, "instantiate_checked",
                         lambda node, key, **kw: built.append(key) or original(node, key, **kw))
-    error = train_error(tmp_path, "backbone.resolution=32", *overrides)
+    error = train_error(tmp_path, *overrides)
     assert error.startswith(expected), error
     assert "backbone" not in built
+
+
+def test_device_forms_lightning_takes():
+    from alignment.training.schema import check_devices
+
+    for good in (1, 2, -1, "auto", "-1", "0,1", "1", [0], [0, 1]):
+        check_devices(good)
+    for bad in (0, "0", "-5", [], [-1], "x", True):
+        with pytest.raises(ConfigError, match=r"^trainer\.devices must be"):
+            check_devices(bad)
+
+
+def test_evaluation_cache_keys_each_image_by_the_extras_its_conditioner_reads(tmp_path):
+    from alignment.evaluation.cache import ModelImages
+    from alignment.runs import ModelSpec
+
+    spec = ModelSpec(name="m", conditioner_extras=("value",))
+    first = ModelImages(tmp_path, spec, {"k": 1}, extras={"value": ["gender equality", None]})
+    (tmp_path / "m").mkdir()
+    for i in range(2):
+        (tmp_path / "m" / f"{i:05d}_seed0.png").write_bytes(b"x")
+    first.record([(0, "a", 0), (1, "b", 0)])
+    again = ModelImages(tmp_path, spec, {"k": 1}, extras={"value": ["racial equality", None]})
+    assert again.missing([(0, "a", 0), (1, "b", 0)]) == [(0, "a", 0)]  # only the image whose value changed
 
 
 def test_a_misspelt_key_in_a_yaml_file_is_named(tmp_path):

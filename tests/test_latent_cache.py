@@ -19,7 +19,7 @@ from PIL import Image
 from alignment.backbones.tiny import build_tiny_backbone
 from alignment.data.cache import (MANIFEST_NAME, CachedPairs, cache_folder, cache_key, cached_pairs,
                                   collate_cached)
-from alignment.data.pickapic import PreferencePairs, collate_pairs, sample_seed
+from alignment.data.pickapic import PreferencePairs, augmentation_seed, collate_pairs
 from alignment.data.synthetic import encode_jpeg, make_synthetic_pairs
 from alignment.errors import ConfigError
 
@@ -80,7 +80,7 @@ class Counter:
 
 def _decisions(seed, index, epoch, p_empty):
     """PreferencePairs' draws, re-derived independently: (caption dropped, flipped)."""
-    rng = torch.Generator().manual_seed(sample_seed(seed, index, epoch))
+    rng = torch.Generator().manual_seed(augmentation_seed(seed, index, epoch))
     drop = torch.rand(1, generator=rng).item() < p_empty
     return drop, torch.rand(3, generator=rng)[2].item() < 0.5
 

@@ -169,7 +169,7 @@ def test_full_finetune_and_sft_run_end_to_end(tmp_path, data_dir):
     assert read_metrics(full)[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # frozen copy == policy at start
     state = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("backbone.unet.") for k in state)
-    assert not any(k.startswith(("backbone.reference_copy.", "backbone.vae.", "backbone.text_encoder.")) for k in state)
+    assert not any(k.startswith(("backbone.reference.", "backbone.vae.", "backbone.text_encoder.")) for k in state)
 
     sft = tmp_path / "sft"
     check_ok(run_cli("alignment.run", *FAST_RUN, "method=sft", "trainer.max_steps=2", f"hydra.run.dir={sft}"))

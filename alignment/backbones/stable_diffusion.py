@@ -262,10 +262,10 @@ class StableDiffusionBackbone(nn.Module):
         whatever strategy is installed (``method.reference``), by default the frozen copy if there is one, else
         this UNet with its adapters disabled. The policy is active again after the block, even if it raises."""
         if self.reference is None:
-            from alignment.training.reference import AdaptersDisabled
+            from alignment.training.reference import make_reference
 
             if not self.has_adapters:
                 raise ConfigError("the reference model needs LoRA adapters or a frozen copy "
                                   "(method.finetune must be 'lora' or 'full')")
-            self.use_reference(AdaptersDisabled(self.unet))
+            self.use_reference(make_reference("base", self.unet, "lora"))
         return self.reference.active()

@@ -58,7 +58,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from alignment.data.images import PairTransform
 from alignment.data.extras import collate_extras
-from alignment.data.pickapic import collate_pairs, resolve_key, sample_seed
+from alignment.dtypes import parse_dtype
+from alignment.data.pickapic import augmentation_seed, collate_pairs, resolve_key
 from alignment.errors import ConfigError
 from alignment.files import atomic_write, atomic_write_text
 from alignment.fingerprint import backbone_fingerprint  # the VAE + text encoder fingerprint in cache_key
@@ -73,9 +74,6 @@ MOMENT_SHARD_ROWS = 512     # dataset items per moments shard (SD 1.5 at 512 px,
 PROMPT_SHARD_ROWS = 1024    # unique captions per prompt shard (SD 1.5: 236 MB in float32)
 MAX_OPEN_SHARDS = 64        # per process; older handles are closed (dropped) first
 PROGRESS_SECONDS = 10.0
-
-STORE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def _log(message: str) -> None:
@@ -111,10 +109,7 @@ def _store_dtype(data_cfg, backbone) -> torch.dtype:
     name = data_cfg.get("cache_dtype", None) or "float32"
     if name == "weight":
         return backbone.weight_dtype
-    if name not in STORE_DTYPES:
-        raise ConfigError(f"dataset.cache_dtype: unknown dtype {name!r} (choose one of float32, float16, "
-                          "bfloat16, weight)")
-    return STORE_DTYPES[name]
+    return parse_dtype(name, "dataset.cache_dtype")
 
 
 def _check_cacheable(dataset, data_cfg) -> None:
@@ -479,7 +474,7 @@ class CachedPairs(Dataset):
     def __getitem__(self, key) -> dict[str, Any]:
         index, epoch = self._resolve_key(key)
         # Exactly PreferencePairs.__getitem__'s draws: caption dropout, then PairTransform's (top, left, flip).
-        rng = torch.Generator().manual_seed(sample_seed(self.seed, index, epoch))
+        rng = torch.Generator().manual_seed(augmentation_seed(self.seed, index, epoch))
         drop_caption = torch.rand(1, generator=rng).item() < self.proportion_empty_prompts
         _, _, u_flip = torch.rand(3, generator=rng).tolist()
         flip = self.random_flip and u_flip < 0.5

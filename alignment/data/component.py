@@ -3,8 +3,8 @@
 ``conf/dataset/<name>.yaml`` holds a ``_target_`` (the dataset class) with its arguments, plus the keys the training
 loop reads itself (``LOADER_KEYS``: batch size, workers, the latent cache, ``generate``). The class says what kind
 of batches it makes (``kind = "pairs" | "prompts"``); its ``extra_columns`` argument names per-sample columns that
-reach the objective. ``check_dataset_config`` checks all of it — unknown keys, types, the objective's batch kind and
-the extras it needs — before any data is read or model loaded.
+reach the objective. ``dataset_class`` and ``check_objective_fits`` check all of it — unknown keys, types, the
+objective's batch kind and the extras it needs — before any data is read or model loaded.
 """
 
 from __future__ import annotations
@@ -23,8 +23,18 @@ LOADER_KEYS = {
 
 def dataset_options(node: DictConfig) -> DictConfig:
     """The node without the loader keys: what the dataset class receives."""
-    options = {k: node[k] for k in node if k not in LOADER_KEYS}  # resolved one by one: generate may not resolve
-    return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(options), resolve=True))
+    from omegaconf.errors import OmegaConfBaseException
+
+    options = {}
+    for key in node:
+        if key in LOADER_KEYS:
+            continue
+        try:  # resolved one by one, so an interpolation that cannot resolve is named
+            value = node[key]
+            options[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"dataset.{key}: {str(err).splitlines()[0]} (set dataset.{key} explicitly)") from None
+    return OmegaConf.create(options)
 
 
 def dataset_class(node: DictConfig):

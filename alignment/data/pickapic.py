@@ -41,7 +41,7 @@ VALID_LABELS: tuple[float, ...] = (0.0, 0.5, 1.0)
 _SCAN_CHUNK_ROWS = 256
 
 
-def sample_seed(seed: int, index: int, epoch: int) -> int:
+def augmentation_seed(seed: int, index: int, epoch: int) -> int:
     """The seed of one item's augmentation draws (crop, flip, caption dropout) in one epoch."""
     return derive_seed(int(seed), int(index), int(epoch))
 
@@ -331,7 +331,7 @@ class PreferencePairs(Dataset):
         else:
             image_w, image_l = images["jpg_1"], images["jpg_0"]
 
-        rng = torch.Generator().manual_seed(sample_seed(self.seed, index, epoch))
+        rng = torch.Generator().manual_seed(augmentation_seed(self.seed, index, epoch))
         drop_caption = torch.rand(1, generator=rng).item() < self.proportion_empty_prompts
         pixel_values_w, pixel_values_l, geometry = self.transform.with_geometry(image_w, image_l, rng)
 

@@ -158,6 +158,11 @@ def read_prompt_records(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def record_extras(records: Sequence[dict], names) -> dict[str, list]:
+    """Per-record values of the fields ``names`` (None where a row lacks one): the extras a conditioner reads."""
+    return {name: [record.get(name) for record in records] for name in names}
+
+
 class PromptSet(Dataset):
     """Prompt-only training data from any prompt file (``dataset=prompts``): for methods that sample images
     online from prompts (DRaFT-K, Focus-N-Fix). Items are ``{"caption", "index", "extras"}``; ``extra_columns``
@@ -202,12 +207,12 @@ class PromptSet(Dataset):
         return {column: values[index] for column, values in self._extras.items()}
 
     def __getitem__(self, key) -> dict:
-        from alignment.data.pickapic import resolve_key, sample_seed
+        from alignment.data.pickapic import augmentation_seed, resolve_key
 
         index, epoch = resolve_key(key, len(self), type(self).__name__)
         caption = self._captions[index]
         if self.proportion_empty_prompts > 0:
-            rng = torch.Generator().manual_seed(sample_seed(self.seed, index, epoch))
+            rng = torch.Generator().manual_seed(augmentation_seed(self.seed, index, epoch))
             if torch.rand(1, generator=rng).item() < self.proportion_empty_prompts:
                 caption = ""
         return {"caption": caption, "index": index, "extras": self.extras(index)}

@@ -51,12 +51,14 @@ def settings_key(settings: dict) -> str:
 
 
 class ModelImages:
-    """One model's folder of cached images and its manifest."""
+    """One model's folder of cached images and its manifest. ``extras``: the per-prompt values of the extras the
+    model's conditioner reads (part of each image's manifest entry: another value regenerates the image)."""
 
-    def __init__(self, image_dir: Path, spec: ModelSpec, settings: dict):
+    def __init__(self, image_dir: Path, spec: ModelSpec, settings: dict, extras: dict[str, list] | None = None):
         self.spec = spec
         self.folder = Path(image_dir) / spec.name
         self.settings = settings
+        self.extras = dict(extras or {})
         self.key = settings_key(settings)
         self.manifest = self._load_manifest()
 
@@ -82,10 +84,16 @@ class ModelImages:
     def path(self, prompt_index: int, seed: int) -> Path:
         return self.folder / image_name(prompt_index, seed)
 
+    def entry(self, prompt_index: int, prompt: str, seed: int) -> dict:
+        """What defines image ``(prompt_index, seed)``: its prompt, seed, settings key and extras (if any)."""
+        entry = {"prompt": prompt, "seed": seed, "settings": self.key}
+        if self.extras:
+            entry["extras"] = {name: values[prompt_index] for name, values in self.extras.items()}
+        return entry
+
     def is_cached(self, prompt_index: int, prompt: str, seed: int) -> bool:
         entry = self.manifest["images"].get(image_name(prompt_index, seed))
-        return (entry == {"prompt": prompt, "seed": seed, "settings": self.key}
-                and self.path(prompt_index, seed).is_file())
+        return entry == self.entry(prompt_index, prompt, seed) and self.path(prompt_index, seed).is_file()
 
     def missing(self, jobs: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
         return [job for job in jobs if not self.is_cached(*job)]
@@ -93,7 +101,7 @@ class ModelImages:
     def record(self, jobs: list[tuple[int, str, int]]) -> None:
         """Mark ``jobs`` as generated with the current settings and rewrite the manifest atomically."""
         for i, prompt, seed in jobs:
-            self.manifest["images"][image_name(i, seed)] = {"prompt": prompt, "seed": seed, "settings": self.key}
+            self.manifest["images"][image_name(i, seed)] = self.entry(i, prompt, seed)
         used = {entry.get("settings") for entry in self.manifest["images"].values()}
         settings = {k: v for k, v in self.manifest["settings"].items() if k in used}
         paths = {k: v for k, v in self.spec.describe().items() if k in ("run", "adapter", "unet", "conditioner")}
@@ -133,11 +141,9 @@ def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone:
             check_same_base(spec, backbone_cfg)
         cache.folder.mkdir(parents=True, exist_ok=True)
         with model_loaded(backbone, spec) as conditioner:
-            extras_names = tuple(getattr(conditioner, "extras", ()) or ())
             for start in range(0, len(missing), plan.batch_size):
                 batch = missing[start:start + plan.batch_size]
-                extras = {n: [plan.extras[n][i] if n in plan.extras else None for i, _, _ in batch]
-                          for n in extras_names}
+                extras = {name: [values[i] for i, _, _ in batch] for name, values in cache.extras.items()}
                 pixels = sample_images(backbone, [p for _, p, _ in batch], [s for _, _, s in batch],
                                        num_inference_steps=plan.num_inference_steps,
                                        guidance_scale=plan.guidance_scale, negative_prompt=plan.negative_prompt,

@@ -17,7 +17,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from alignment.config import boolean, integer, number, positive_int
 from alignment.errors import ConfigError, DataError
 from alignment.metrics.winrate import REDUCTIONS
-from alignment.runs import ModelSpec, parse_models  # noqa: F401 - parse_models: the models of a plan
+from alignment.data.prompts import record_extras
+from alignment.runs import ModelSpec, parse_models
 
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -51,6 +52,10 @@ class Plan:
     @property
     def k(self) -> int:
         return len(self.seeds)
+
+    def extras_for(self, names) -> dict[str, list]:
+        """The per-prompt values of the fields ``names`` of the prompt file (None where a prompt has none)."""
+        return {name: self.extras.get(name, [None] * len(self.prompts)) for name in names}
 
     @property
     def others(self) -> list[str]:
@@ -101,15 +106,10 @@ def scorer_name_check(name, key: str, available: list[str], what: str = "scorer"
 
 
 # ------------------------------------------------------------------------------------------------ prompts
-def load_prompt_set(prompts_file, prompt_list, max_prompts) -> tuple[list[str], str]:
-    """``prompts`` (a prompt file read by ``read_prompts``) if set, else the inline ``prompt_list``; the first
-    ``max_prompts`` of them. Returns the prompts and a description of where they came from."""
-    records, source = load_prompt_records(prompts_file, prompt_list, max_prompts)
-    return [r["prompt"] for r in records], source
-
-
 def load_prompt_records(prompts_file, prompt_list, max_prompts) -> tuple[list[dict], str]:
-    """``load_prompt_set`` keeping each prompt file row's other fields (the extras a conditioner may read)."""
+    """``prompts`` (a prompt file read by ``read_prompt_records``) if set, else the inline ``prompt_list``; the first
+    ``max_prompts`` of them, each row with its other fields (the extras a conditioner may read). Returns the rows
+    and a description of where they came from."""
     from alignment.data.prompts import read_prompt_records
 
     if prompts_file is not None and prompts_file != "":
@@ -141,7 +141,6 @@ def load_prompt_records(prompts_file, prompt_list, max_prompts) -> tuple[list[di
     return records, source
 
 
-# ------------------------------------------------------------------------------------------------ models
 # ------------------------------------------------------------------------------------------------ metrics
 def mask_file(mask: Path, prompt_index: int, seed: int) -> Path | None:
     """The Focus-N-Fix mask of one image: ``mask`` itself when it is a file (one mask for every image), else in the
@@ -296,8 +295,7 @@ def build_plan(cfg: DictConfig) -> Plan:
     """Every check of the evaluation config that needs no model (cheap ones first)."""
     records, source = load_prompt_records(cfg.get("prompts"), cfg.get("prompt_list"), cfg.get("max_prompts"))
     prompts = [r["prompt"] for r in records]
-    fields = list(dict.fromkeys(k for r in records for k in r if k != "prompt"))
-    extras = {field: [r.get(field) for r in records] for field in fields}
+    extras = record_extras(records, dict.fromkeys(k for r in records for k in r if k != "prompt"))
     k = positive_int(cfg.get("images_per_prompt"), "images_per_prompt")
     seed = integer(cfg.get("seed"), "seed")
     seeds = [seed + j for j in range(k)]

@@ -8,7 +8,7 @@
 with ``L`` the per-sample mean denoising error, and w and l sharing one timestep and one noise draw
 (``share_noise``, docs/conventions.md#pairs-share-noise-and-timestep). One policy forward runs over w‖l and one
 reference forward over the same noisy inputs; both are shared with any other term of a composed objective that
-needs them (``pair_passes``).
+needs them (``pair_predictions``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def pair_inputs(backbone, batch: PairBatch, seed: int, share_noise: bool = True)
                           noise=noise, target=backbone.training_target(latents, noise, timesteps),
                           cond=cat_cond(batch.cond, batch.cond))
 
-    return shared_pass(batch, ("pair_inputs", share_noise), compute)
+    return shared_pass(batch, ("pair_inputs", seed, share_noise), compute)
 
 
 def pair_predictions(backbone, batch: PairBatch, seed: int, share_noise: bool = True,
@@ -81,7 +81,7 @@ def pair_predictions(backbone, batch: PairBatch, seed: int, share_noise: bool = 
 
     if model not in ("policy", "reference"):
         raise ValueError(f"model must be 'policy' or 'reference', got {model!r}")
-    return shared_pass(batch, ("pair_prediction", share_noise, model), compute)
+    return shared_pass(batch, ("pair_prediction", seed, share_noise, model), compute)
 
 
 def pair_errors(backbone, batch: PairBatch, seed: int, share_noise: bool = True):

@@ -18,13 +18,13 @@ class SupervisedFineTuning(Objective):
 
         err_w = None
         for share_noise in (True, False):  # a pair pass made by another term: its first half is the winner's
-            prediction = batch.memo.get(("pair_prediction", share_noise, "policy"))
+            prediction = batch.memo.get(("pair_prediction", seed, share_noise, "policy"))
             if prediction is not None:
                 target = pair_inputs(backbone, batch, seed, share_noise).target
                 err_w = per_sample_mse(prediction[:batch.batch_size], target[:batch.batch_size])
                 break
         if err_w is None:
-            err_w = shared_pass(batch, ("winner_error",), lambda: self._winner_error(backbone, batch, seed))
+            err_w = shared_pass(batch, ("winner_error", seed), lambda: self._winner_error(backbone, batch, seed))
         return ObjectiveOutput(err_w.mean(), {"policy_err_w": err_w.mean().detach()})
 
     @staticmethod

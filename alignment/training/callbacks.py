@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -54,8 +55,8 @@ class SampleGrid(L.Callback):
     a grid (rows = prompts, columns = seeds) to ``samples/step_XXXXXX.png``, logging it to W&B when active.
 
     The objective's conditioner (if any) conditions the samples, with ``extras`` (one value per prompt) as its
-    per-sample inputs. Every process samples the same grid — a sharded (FSDP) model needs every rank in each
-    forward — and rank 0 writes it."""
+    per-sample inputs (an extra it does not give is None). Under FSDP every process samples the same grid — a
+    sharded model needs every rank in each forward — and rank 0 writes it; otherwise rank 0 alone samples."""
 
     def __init__(self, folder: str | Path, prompts: list[str], seeds: list[int], every_n_steps: int = 100,
                  num_inference_steps: int = 20, guidance_scale: float = 5.0, negative_prompt: str = "",
@@ -86,21 +87,26 @@ class SampleGrid(L.Callback):
         """The grid's images (prompt-major, one per (prompt, seed)) from the module's current model."""
         prompts = [p for p in self.prompts for _ in self.seeds]
         seeds = [s for _ in self.prompts for s in self.seeds]
-        extras = {name: [v for v in values for _ in self.seeds] for name, values in self.extras.items()}
+        conditioner = pl_module.objective.conditioner
+        per_prompt = {name: [None] * len(self.prompts) for name in getattr(conditioner, "extras", ())}
+        per_prompt.update(self.extras)  # samples.extras; an extra it does not give is None ("no extra input")
+        extras = {name: [v for v in values for _ in self.seeds] for name, values in per_prompt.items()}
         was_training = pl_module.training
         pl_module.eval()
         try:
             return sample_images(pl_module.backbone, prompts, seeds, self.num_inference_steps, self.guidance_scale,
-                                 negative_prompt=self.negative_prompt, conditioner=pl_module.objective.conditioner,
-                                 extras=extras)
+                                 negative_prompt=self.negative_prompt, conditioner=conditioner, extras=extras)
         finally:
             pl_module.train(was_training)
 
     def _make_grid(self, trainer, pl_module) -> None:
         if not self.prompts or self.every_n_steps <= 0:
             return
-        with full_parameters(trainer):
-            images = self.sample(pl_module)  # on every rank (see the class docstring)
+        sharded = is_sharded(trainer)
+        if not sharded and not trainer.is_global_zero:
+            return  # an unsharded model is whole on rank 0: the other ranks need not sample
+        with full_parameters(trainer) if sharded else nullcontext():
+            images = self.sample(pl_module)  # every rank of a sharded model takes part (see the class docstring)
         if not trainer.is_global_zero:
             return
         grid = image_grid(to_pil(images), columns=len(self.seeds))
@@ -112,20 +118,22 @@ class SampleGrid(L.Callback):
                                  caption=[" | ".join(self.prompts)])
 
 
-def full_parameters(trainer):
-    """Outside the training step a sharded (FSDP) model's root holds only this rank's shard of the parameters that
-    no inner unit wraps; calling submodules directly (as sampling does) needs them whole. Under FSDP this gathers them
-    for the block (every rank takes part); otherwise it does nothing."""
-    from contextlib import nullcontext
-
-    model = getattr(trainer.strategy, "model", None)
+def is_sharded(trainer) -> bool:
+    """Whether the model is sharded over processes (FSDP): then every rank must take part in its forward passes."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch without distributed
-        return nullcontext()
-    if isinstance(model, FullyShardedDataParallel):
-        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
-    return nullcontext()
+        return False
+    return isinstance(getattr(trainer.strategy, "model", None), FullyShardedDataParallel)
+
+
+def full_parameters(trainer):
+    """Outside the training step a sharded (FSDP) model's root holds only this rank's shard of the parameters that
+    no inner unit wraps; calling submodules directly (as sampling does) needs them whole: gather them for the block
+    (every rank takes part)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
 
 
 class ExportWeights(L.Callback):

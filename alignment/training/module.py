@@ -16,6 +16,7 @@ import torch
 from alignment.conditioning import condition
 from alignment.errors import ConfigError, TrainingError
 from alignment.objectives.base import Objective, PairBatch, PromptBatch, sample_seed
+from alignment.training.callbacks import module_prefix
 from alignment.training.lora import add_lora
 from alignment.training.reference import make_reference
 from alignment.training.speed import make_optimizer
@@ -37,7 +38,6 @@ class AlignmentModule(L.LightningModule):
         self.lr_scheduler_cfg = dict(lr_scheduler or {})
         # Checkpoints hold only what training changes (see on_save_checkpoint); the frozen rest is rebuilt.
         self.strict_loading = False
-        self._hooked_step = -1
 
         if finetune not in FINETUNE_MODES:
             raise ConfigError(f"method.finetune: {finetune!r} is not one of {', '.join(FINETUNE_MODES)}")
@@ -134,10 +134,12 @@ class AlignmentModule(L.LightningModule):
         self.log("train/global_step", float(self.global_step), batch_size=batch_size)
         return out.loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.global_step != self._hooked_step:  # an optimizer step happened (accumulation-aware)
-            self._hooked_step = self.global_step
-            self.objective.on_optimizer_step_end(self.backbone, self.global_step)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Called once per optimizer step (after gradient accumulation), before any callback sees the step: a
+        # reference refreshed here is what the checkpoint written at this step holds. Lightning counts the step
+        # as completed only after this returns, so this is step global_step + 1.
+        super().optimizer_step(*args, **kwargs)
+        self.objective.on_optimizer_step_end(self.backbone, self.global_step + 1)
 
     # -------------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
@@ -155,8 +157,9 @@ class AlignmentModule(L.LightningModule):
                                    weight_decay=float(cfg["weight_decay"]), eps=float(cfg["eps"]))
         sched = {"name": "constant_with_warmup", "warmup_steps": 0, **self.lr_scheduler_cfg}
         try:
+            shape = {k: sched[k] for k in ("num_cycles", "power") if k in sched}  # cosine restarts, polynomial
             scheduler = get_scheduler(sched["name"], optimizer, num_warmup_steps=int(sched["warmup_steps"]),
-                                      num_training_steps=max(int(self.trainer.max_steps), 1))
+                                      num_training_steps=max(int(self.trainer.max_steps), 1), **shape)
         except ValueError as err:
             raise ConfigError(f"method.lr_scheduler.name: {sched['name']!r} — {str(err).splitlines()[0]}") from err
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -164,10 +167,15 @@ class AlignmentModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_keys(self, state_dict: dict) -> list[str]:
         """What a checkpoint holds: the trainable parameters, every LoRA tensor (incl. the frozen snapshot
-        reference adapter, so a resumed run compares against the same reference) and the objective's buffers
-        (e.g. counters). Frozen helpers are not submodules, so never here."""
+        reference adapter), the reference strategy's own state once it has been refreshed (so a resumed run
+        compares against the same reference) and the objective's buffers (e.g. counters). Frozen helpers are not
+        submodules, so never here."""
         keep = set(self.trainable_names())
         keep |= {f"objective.{name}" for name, _ in self.objective.named_buffers()}
+        reference = getattr(self.backbone, "reference", None)
+        if reference is not None:
+            prefix = module_prefix(self, reference)
+            keep |= {prefix + name for name in reference.checkpoint_names()}
         return [k for k in state_dict if k in keep or "lora_" in k]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

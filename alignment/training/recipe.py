@@ -158,7 +158,8 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
 
     from alignment.config import check_keys, instantiate_checked, positive_int, to_plain
-    from alignment.data.component import check_objective_fits, collate_fn
+    from alignment.data.component import check_objective_fits, dataset_class
+    from alignment.training.reference import check_reference
     from alignment.objectives.compose import build_objective
     from alignment.scorers.base import build_scorers
     from alignment.training.checkpointing import resolve_resume
@@ -173,7 +174,11 @@ def train(cfg: DictConfig) -> dict:
     positive_int(cfg.dataset.batch_size, "dataset.batch_size")
     ckpt_path = resolve_resume(cfg.resume, run_dir)
     objective = build_objective(cfg.method, cfg.get("terms"))
+    if objective.needs_reference:
+        check_reference(cfg.method.get("reference", "auto"), cfg.method.get("finetune", "lora"))
     check_objective_fits(objective, cfg.dataset)
+    if cfg.dataset.get("cache") and dataset_class(cfg.dataset).kind != "pairs":
+        raise ConfigError("dataset.cache: the latent cache stores image pairs; prompt-only data has none")
     scorer_names = wanted_scorers(objective, cfg)
     kwargs = trainer_kwargs(cfg)
     check_keys(cfg.backbone, "backbone")
@@ -186,13 +191,15 @@ def train(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, run_dir, kwargs)
 
     # 2. Data that needs no model is read now (a bad file fails before any model loads), then the models.
-    dataset = None if builder is not None else prepare_data(cfg)
+    # data that needs no model (a file, or a builder without backbone or scorers) is ready before any model loads
+    needs_models = builder is not None and (builder.needs_backbone or bool(builder_scorers))
+    dataset = None if needs_models else prepare_data(cfg, builder)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = instantiate_checked(cfg.backbone, "backbone")
     names = list(dict.fromkeys(scorer_names + builder_scorers))
     scorers = build_scorers({name: cfg.scorers[name] for name in names}) if names else {}
     if dataset is None:
-        dataset = prepare_data(cfg, builder, backbone if builder.needs_backbone else None, scorers)
+        dataset = prepare_data(cfg, builder, backbone, scorers)
     module = AlignmentModule(backbone, objective, finetune=cfg.method.finetune, lora=to_plain(cfg.method.get("lora")),
                              optimizer=to_plain(cfg.method.optimizer), lr_scheduler=to_plain(cfg.method.lr_scheduler),
                              seed=cfg.seed, gradient_checkpointing=cfg.method.get("gradient_checkpointing", False),
@@ -200,13 +207,11 @@ def train(cfg: DictConfig) -> dict:
                              scorers={name: scorers[name] for name in scorer_names})
     apply_speed(backbone, to_plain(cfg.speed), cfg.trainer.get("accelerator"))
     if cfg.dataset.get("cache"):
-        if getattr(dataset, "kind", "pairs") != "pairs":
-            raise ConfigError("dataset.cache: the latent cache stores image pairs; prompt-only data has none")
         from alignment.data.cache import cached_pairs
 
         dataset = cached_pairs(dataset, backbone, cfg.dataset)
     datamodule = AlignmentDataModule(dataset, batch_size=cfg.dataset.batch_size, num_workers=cfg.dataset.num_workers,
-                                seed=cfg.seed, collate_fn=collate_fn(dataset))
+                                seed=cfg.seed)
 
     # 3. Fit.
     if trainer.is_global_zero:

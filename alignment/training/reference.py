@@ -41,6 +41,13 @@ class ReferenceStrategy(nn.Module):
     def __init__(self, unet: nn.Module):
         super().__init__()
         object.__setattr__(self, "unet", unet)
+        # how many times refresh() ran: saved with the checkpoint, so a resume knows the reference moved
+        self.register_buffer("refreshes", torch.zeros((), dtype=torch.long))
+
+    def checkpoint_names(self) -> list[str]:
+        """State-dict names (relative to this module) a checkpoint must hold to resume with this reference: nothing
+        until it has been refreshed (the initial reference is rebuilt from the base weights)."""
+        return ["refreshes"] if int(self.refreshes) > 0 else []
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:  # pragma: no cover - abstract
@@ -86,6 +93,14 @@ class FrozenCopy(ReferenceStrategy):
     @torch.no_grad()
     def refresh(self) -> None:
         self.copy.load_state_dict(self.unet.state_dict())
+        self.refreshes += 1
+
+    def checkpoint_names(self) -> list[str]:
+        # the initial copy is rebuilt from the base weights; once refreshed it is the policy of an earlier step
+        names = super().checkpoint_names()
+        if int(self.refreshes) > 0:
+            names += [f"copy.{name}" for name in self.copy.state_dict()]
+        return names
 
 
 class AdapterSnapshot(ReferenceStrategy):
@@ -104,13 +119,20 @@ class AdapterSnapshot(ReferenceStrategy):
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             unet.add_adapter(copy.deepcopy(config), adapter_name=SNAPSHOT_ADAPTER)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         self._activate(POLICY_ADAPTER)
         # add_adapter/set_adapter toggle requires_grad: restore exactly what was trainable before
         for name, param in unet.named_parameters():
             param.requires_grad_(name in trainable)
+        self._pairs = self._match()
+        for _, snapshot in self._pairs:  # peft creates it in the base weights' dtype; the policy's LoRA is fp32
+            snapshot.data = snapshot.data.to(torch.float32)
         self.refresh()
+        self.refreshes.zero_()  # the initial copy is not a refresh
 
-    def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _match(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(live, snapshot) parameter pairs, matched by name."""
         params = dict(self.unet.named_parameters())
         marker = f".{POLICY_ADAPTER}."
@@ -119,19 +141,17 @@ class AdapterSnapshot(ReferenceStrategy):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        for live, snapshot in self._pairs():
+        for live, snapshot in self._pairs:
             snapshot.copy_(live)
+        self.refreshes += 1
 
     def _activate(self, adapter: str) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in self.unet.modules():
-            if isinstance(module, BaseTunerLayer):
-                # peft's set_adapter also flips requires_grad; keep trainability as it is
-                flags = [(p, p.requires_grad) for p in module.parameters(recurse=True)]
-                module.set_adapter(adapter)
-                for param, flag in flags:
-                    param.requires_grad_(flag)
+        for module in self._layers:
+            # peft's set_adapter also flips requires_grad; keep trainability as it is
+            flags = [(p, p.requires_grad) for p in module.parameters(recurse=True)]
+            module.set_adapter(adapter)
+            for param, flag in flags:
+                param.requires_grad_(flag)
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:

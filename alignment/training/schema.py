@@ -48,7 +48,9 @@ def _method_hyperparameters(cfg: DictConfig) -> None:
 
 
 def check_devices(value) -> None:
-    if value in ("auto", -1) or (isinstance(value, str) and value.strip("-").isdigit() and int(value) != 0):
+    """Lightning's forms: a count >= 1, -1 (all), "auto", a list of device ids, or a string of them ("0,1")."""
+    if value in ("auto", -1, "-1") or (isinstance(value, str) and re.fullmatch(r"\d+(,\d+)*,?", value.strip())
+                                       and value.strip() not in ("0", "0,")):
         return
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return
@@ -75,9 +77,6 @@ def check_run_config(cfg: DictConfig) -> None:
     check_schema(cfg.method, METHOD, "method", open_keys=True)
     _method_hyperparameters(cfg)
     method = cfg.method
-    from alignment.training.reference import check_reference
-
-    check_reference(method.get("reference", "auto"), method.get("finetune", "lora"))
     if method.get("finetune", "lora") == "lora":
         from alignment.training.lora import add_lora
 
@@ -105,6 +104,9 @@ def check_run_config(cfg: DictConfig) -> None:
             raise ConfigError(f"samples.every_n_steps must be >= 0 (0: no grids), got {samples.every_n_steps}")
         positive_int(samples.get("num_inference_steps", 1), "samples.num_inference_steps")
         for name, values in (samples.get("extras") or {}).items():
+            if not OmegaConf.is_list(values):
+                raise ConfigError(f"samples.extras.{name} must be a list with one value per sample prompt, "
+                                  f"got {values!r}")
             if len(values) != len(samples.prompts):
                 raise ConfigError(f"samples.extras.{name} must hold one value per sample prompt "
                                   f"({len(samples.prompts)}), got {len(values)}")
