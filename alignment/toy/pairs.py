@@ -257,7 +257,7 @@ def _check_weights(weights: str | None) -> None:
 
     folder = Path(weights).expanduser() if weights else WEIGHTS_DIR
     if not (folder / MODEL_FILE).is_file():
-        raise ConfigError(f"weights: {folder} holds no {MODEL_FILE}")
+        raise ConfigError(f"dataset.generate.weights: {folder} holds no {MODEL_FILE}")
 
 
 def ensure_toy_pairs(path: str | os.PathLike, weights: str | None = None, split: str = "train",
