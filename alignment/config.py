@@ -18,6 +18,7 @@ import inspect
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
 from hydra.errors import InstantiationException
@@ -53,6 +54,22 @@ def boolean(value, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     return value
+
+
+def existing_path(value, key: str, kind: str = "file") -> Path | None:
+    """``None``, or an existing file (``kind="file"``), folder (``"dir"``) or either (``"any"``)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a path, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+    if kind == "file" and not path.is_file():
+        raise ConfigError(f"{key}: {path} is not a file")
+    if kind == "dir" and not path.is_dir():
+        raise ConfigError(f"{key}: {path} is not a folder")
+    return path
 
 
 def resolve_device(name, key: str = "device"):

@@ -97,13 +97,11 @@ class ModelSpec:
 def resolve_adapter(adapter, key: str = "adapter") -> Path | None:
     """``adapter``: null, a LoRA weights file, a folder holding ``pytorch_lora_weights.safetensors``, or a training
     run folder holding ``lora/pytorch_lora_weights.safetensors``. Returns the weights file."""
-    if adapter is None or adapter == "":
+    from alignment.config import existing_path
+
+    path = existing_path(adapter, key, kind="any")
+    if path is None:
         return None
-    if not isinstance(adapter, str):
-        raise ConfigError(f"{key}: must be a path, got {adapter!r}")
-    path = Path(adapter).expanduser()
-    if not path.exists():
-        raise ConfigError(f"{key}: {path} does not exist")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ConfigError(f"{key}: {path} is not a .safetensors LoRA file")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from alignment.config import boolean, integer, number, positive_int
+from alignment.config import boolean, existing_path, integer, number, positive_int
 from alignment.errors import ConfigError, DataError
 from alignment.metrics.winrate import REDUCTIONS
 from alignment.data.prompts import record_extras
@@ -76,22 +76,6 @@ def _node(cfg, key: str) -> DictConfig:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{key} must be a mapping, got {node!r}")
     return node
-
-
-def _optional_path(value, key: str, kind: str = "file") -> Path | None:
-    """``None``, or an existing file (``kind="file"``), folder (``"dir"``) or either (``"any"``)."""
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"{key} must be a path, got {value!r}")
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise ConfigError(f"{key}: {path} does not exist")
-    if kind == "file" and not path.is_file():
-        raise ConfigError(f"{key}: {path} is not a file")
-    if kind == "dir" and not path.is_dir():
-        raise ConfigError(f"{key}: {path} is not a folder")
-    return path
 
 
 def scorer_name_check(name, key: str, available: list[str], what: str = "scorer") -> str:
@@ -186,7 +170,7 @@ def _change(node, prompts, seeds) -> dict:
            "lpips_backbone_weights": None, "lpips_weights": None}
     if not enabled:
         return out
-    mask = _optional_path(node.get("mask"), f"{key}.mask", kind="any")
+    mask = existing_path(node.get("mask"), f"{key}.mask", kind="any")
     if mask is not None and mask.is_dir():
         for i in range(len(prompts)):
             for seed in seeds:
@@ -195,8 +179,8 @@ def _change(node, prompts, seeds) -> dict:
                                       f"{i:05d}_seed{seed}.png or {i:05d}.png)")
     if out["lpips_net"] not in ("alex", "alexnet", "vgg", "vgg16"):
         raise ConfigError(f"{key}.lpips_net must be alex or vgg, got {out['lpips_net']!r}")
-    backbone = _optional_path(node.get("lpips_backbone_weights"), f"{key}.lpips_backbone_weights")
-    heads = _optional_path(node.get("lpips_weights"), f"{key}.lpips_weights")
+    backbone = existing_path(node.get("lpips_backbone_weights"), f"{key}.lpips_backbone_weights")
+    heads = existing_path(node.get("lpips_weights"), f"{key}.lpips_weights")
     if backbone is not None and heads is None:
         raise ConfigError(f"{key}.lpips_weights: required with {key}.lpips_backbone_weights (the LPIPS linear "
                           f"heads, e.g. the lpips package's weights/v0.1/alex.pth)")
@@ -210,7 +194,7 @@ def _inception_weights(node, key: str, needed: bool) -> Path | None:
         raise ConfigError(f"{key}.inception_weights: required when {key}.enabled=true (a local Inception-v3 "
                           f"weight file, e.g. pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)"
                           + (f", or use {key}.extractor=scorer:<name>" if key.endswith(".fid") else ""))
-    return _optional_path(value, f"{key}.inception_weights") if needed else None
+    return existing_path(value, f"{key}.inception_weights") if needed else None
 
 
 def _fid(node, scorer_names) -> dict:
