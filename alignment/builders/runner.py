@@ -271,8 +271,11 @@ def _build_chunks(plan: BuildPlan, chunks: list[int], backbone, progress: bool, 
 
     plan.parts.mkdir(parents=True, exist_ok=True)
     todo = [c for c in chunks if not plan.chunk_path(c).exists()]
-    total = sum(len(plan.items(c)) for c in chunks)
-    done = total - sum(len(plan.items(c)) for c in todo)
+    # a builder whose item holds several units (PoolBuilder: a prompt = num_images images) says so with
+    # ``units_per_item``, so the bar counts its ``item_unit`` (img/s); default 1
+    weight = int(getattr(plan.builder, "units_per_item", 1))
+    total = weight * sum(len(plan.items(c)) for c in chunks)
+    done = total - weight * sum(len(plan.items(c)) for c in todo)
     if done:
         _log(f"{label}: resuming, {len(chunks) - len(todo)} of {len(chunks)} chunks already built in {plan.parts}")
     with tqdm(total=total, initial=done, unit=plan.builder.item_unit, desc=label, file=sys.stderr,
@@ -281,7 +284,7 @@ def _build_chunks(plan: BuildPlan, chunks: list[int], backbone, progress: bool, 
             items = plan.items(chunk)
             table = _checked_chunk(plan, chunk, plan.builder.build_chunk(items, backbone, plan.scorers))
             _write_table(table, plan.chunk_path(chunk))
-            bar.update(len(items))
+            bar.update(weight * len(items))
     return len(todo)
 
 
