@@ -18,6 +18,9 @@ tables when ``logger=wandb`` (offline by default).
 
 Errors in the config (unknown scorer or model name, a missing adapter, prompt or weight file) are reported as one
 line, ``error: <key>: ...``, exit status 2, before any model is built.
+
+``prompt_filter.model`` (off by default) drops the prompts a text classifier calls unsafe before anything is
+generated (``alignment.evaluation.prompt_filter``); ``metrics.json`` records them under ``prompt_filter``.
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ def config_summary(cfg: DictConfig, plan) -> dict:
             "models": {name: spec.describe() for name, spec in plan.models.items()},
             "backbone": backbone, "num_inference_steps": plan.num_inference_steps,
             "guidance_scale": plan.guidance_scale, "negative_prompt": plan.negative_prompt,
-            "scorers": plan.scorer_names, "image_dir": str(plan.image_dir)}
+            "scorers": plan.scorer_names, "image_dir": str(plan.image_dir),
+            "prompt_filter": ({k: plan.prompt_filter[k] for k in ("model", "unsafe_labels", "threshold")}
+                              if plan.prompt_filter else None)}
 
 
 def evaluate(cfg: DictConfig) -> dict:
     from alignment.config import instantiate_checked, resolve_device
     from alignment.evaluation.cache import ModelImages, generate_missing, generation_settings
     from alignment.evaluation.plan import build_plan
+    from alignment.evaluation.prompt_filter import describe_summary
     from alignment.evaluation.report import log_to_logger, render_report
     from alignment.evaluation.scoring import evaluate_models, finite, load_metric_models
     from alignment.files import atomic_write_text
@@ -51,6 +57,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     # 1. Every check that needs no model, then the scorers and metric networks (their files), then generation.
     plan = build_plan(cfg)
+    if plan.prompt_filter:
+        print(f"prompt filter: {describe_summary(plan.prompt_filter)}")
     device = resolve_device(cfg.get("device"))
     backbone_node = OmegaConf.to_container(cfg.backbone, resolve=True)
     scorers = build_scorers(cfg.get("scorers"))
@@ -74,6 +82,8 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = config_summary(cfg, plan)
     metrics = {"config": summary, "generation": counts, **evaluation.metrics}
+    if plan.prompt_filter:
+        metrics["prompt_filter"] = plan.prompt_filter
     atomic_write_text(json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
                       out_dir / "metrics.json")
     scores = {"prompts": plan.prompts, "seeds": plan.seeds,

@@ -13,6 +13,9 @@ the training run exported — LoRA, full UNet, conditioner (``alignment.runs``).
 scaled by ``lora_scale``. Sampling is the project's ``sample_images``: image ``(prompt, seed)`` starts from the noise
 of ``torch.Generator().manual_seed(seed)``, so the same seed gives the same starting noise for every model compared.
 A conditioner reads its per-prompt extras (e.g. a ``value``) from the prompt file's fields of the same name.
+With ``prompt_filter.model`` set, a text classifier drops unsafe prompts first (``alignment.evaluation.prompt_filter``;
+the kept prompts are renumbered in order, ``out_dir/prompt_filter.json`` lists the dropped ones and maps the kept
+ones back to the file).
 
 Output (``out_dir``, or ``out_dir/<model>`` per entry of ``models``): ``{prompt_index:05d}_seed{seed}.png`` per
 image, ``index.jsonl`` (one line per image) and ``grid.png`` (one row per prompt, one column per seed). Every file
@@ -36,6 +39,7 @@ from alignment.files import atomic_write_text, image_name, save_png
 from alignment.runs import ADAPTER_NAME, load_adapter, resolve_adapter  # noqa: F401 - re-exported for scripts
 
 INDEX_NAME = "index.jsonl"
+FILTER_NAME = "prompt_filter.json"  # the safety filter's summary (kept / dropped prompts) when it is on
 GRID_NAME = "grid.png"
 GRID_MAX_ROWS = 64  # grid.png shows at most this many prompts (a PartiPrompts grid would not fit in memory)
 IMAGE_PATTERN = re.compile(r"^\d{5,}_seed-?\d+\.png$")
@@ -81,6 +85,22 @@ def check_seeds(seeds) -> list[int]:
     if duplicates:
         raise ConfigError(f"seeds: seed {duplicates[0]} is listed twice (it would give the same image)")
     return [int(s) for s in values]
+
+
+def filter_prompts(node, records: list[dict]) -> tuple[list[dict], dict | None]:
+    """The prompt safety filter (``prompt_filter``; off when its model is null): the kept rows, renumbered in
+    order, and its summary (None when off)."""
+    from alignment.evaluation.prompt_filter import PromptSafetyFilter, describe_summary
+
+    prompt_filter = PromptSafetyFilter.from_config(node)
+    if prompt_filter is None:
+        return records, None
+    try:
+        records, summary = prompt_filter.filter_records(records)
+    finally:
+        prompt_filter.release()
+    print(f"prompt filter: {describe_summary(summary)}")
+    return records, summary
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -164,7 +184,14 @@ def generate(cfg: DictConfig) -> dict:
     out_dir = Path(str(cfg.out_dir)).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir: {out_dir} exists and is not a folder")
+    records, filter_summary = filter_prompts(cfg.get("prompt_filter"), records)
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    filter_file = out_dir / FILTER_NAME
+    if filter_summary is None:
+        filter_file.unlink(missing_ok=True)  # an earlier filtered run's record would describe other images
+    else:
+        atomic_write_text(json.dumps(filter_summary, indent=2, ensure_ascii=False) + "\n", filter_file)
     backbone = instantiate_checked(cfg.backbone, "backbone")
     backbone.to(device).eval()
     settings["backbone"] = backbone.name

@@ -5,6 +5,10 @@
 the reference model and the metric options. Scorer names used by metrics (``metrics.clip_score``,
 ``metrics.bias.classifier``, ``metrics.toxicity.judge``, ``metrics.fid.extractor=scorer:<name>``,
 ``metrics.winrate.scorers``) are checked against the configured ``scorers`` mapping here, before anything loads.
+
+With ``prompt_filter.model`` set, a text classifier drops unsafe prompts here (``alignment.evaluation.prompt_filter``):
+its config and label names are checked first, its weights load after every other cheap check, and the kept prompts
+are renumbered 0..n-1 in file order (``plan.prompt_filter["kept_indices"]`` maps them back to the file).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Plan:
     toxicity: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)    # per-prompt fields of the prompt file (read by conditioners)
+    prompt_filter: dict | None = None             # the safety filter's summary (None: no filter)
 
     @property
     def k(self) -> int:
@@ -276,10 +281,16 @@ def _toxicity(node, scorer_names, k: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ all
 def build_plan(cfg: DictConfig) -> Plan:
-    """Every check of the evaluation config that needs no model (cheap ones first)."""
-    records, source = load_prompt_records(cfg.get("prompts"), cfg.get("prompt_list"), cfg.get("max_prompts"))
-    prompts = [r["prompt"] for r in records]
-    extras = record_extras(records, dict.fromkeys(k for r in records for k in r if k != "prompt"))
+    """Every check of the evaluation config that needs no model (cheap ones first), then the prompt safety filter
+    when one is configured (a text classifier; never the image model)."""
+    from alignment.evaluation.prompt_filter import PromptSafetyFilter
+
+    max_prompts = cfg.get("max_prompts")
+    prompt_filter = PromptSafetyFilter.from_config(cfg.get("prompt_filter"))  # labels checked, no weights read yet
+    # With a filter, max_prompts counts kept prompts: the file is classified in order until that many are kept.
+    records, source = load_prompt_records(cfg.get("prompts"), cfg.get("prompt_list"),
+                                          max_prompts if prompt_filter is None else None)
+    limit = positive_int(max_prompts, "max_prompts") if max_prompts is not None else None
     k = positive_int(cfg.get("images_per_prompt"), "images_per_prompt")
     seed = integer(cfg.get("seed"), "seed")
     seeds = [seed + j for j in range(k)]
@@ -312,19 +323,30 @@ def build_plan(cfg: DictConfig) -> Plan:
     clip_score = metrics.get("clip_score")
     if clip_score is not None:
         clip_score = scorer_name_check(clip_score, "metrics.clip_score", scorer_names)
+    winrate = _winrate(_node(metrics, "winrate"), scorer_names, exclude)
+    color_shift = boolean(metrics.get("color_shift", True), "metrics.color_shift")
+    fid = _fid(_node(metrics, "fid"), scorer_names)
+    inception_score = _inception_score(_node(metrics, "inception_score"))
     report = _node(cfg, "report")
+    report = {"enabled": boolean(report.get("enabled", True), "report.enabled"),
+              "max_prompts": positive_int(report.get("max_prompts", 100), "report.max_prompts"),
+              "thumbnail": positive_int(report.get("thumbnail", 256), "report.thumbnail")}
+
+    # The safety filter (the only model loaded here) runs after every cheap check; then what needs the prompts.
+    filter_summary = None
+    if prompt_filter is not None:
+        try:
+            records, filter_summary = prompt_filter.filter_records(records, limit)
+        finally:
+            prompt_filter.release()
+    prompts = [r["prompt"] for r in records]
+    extras = record_extras(records, dict.fromkeys(name for r in records for name in r if name != "prompt"))
     return Plan(
         prompts=prompts, prompt_source=source, extras=extras, seeds=seeds, models=models, reference=str(reference),
         num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt, batch_size=batch_size,
         score_batch_size=score_batch_size, image_dir=Path(str(cfg.image_dir)).expanduser(),
         output_dir=Path(str(cfg.output_dir)).expanduser(), scorer_names=scorer_names,
-        winrate=_winrate(_node(metrics, "winrate"), scorer_names, exclude),
-        color_shift=boolean(metrics.get("color_shift", True), "metrics.color_shift"),
-        change=_change(_node(metrics, "change"), prompts, seeds),
-        fid=_fid(_node(metrics, "fid"), scorer_names),
-        inception_score=_inception_score(_node(metrics, "inception_score")),
-        clip_score=clip_score, bias=bias, toxicity=toxicity,
-        report={"enabled": boolean(report.get("enabled", True), "report.enabled"),
-                "max_prompts": positive_int(report.get("max_prompts", 100), "report.max_prompts"),
-                "thumbnail": positive_int(report.get("thumbnail", 256), "report.thumbnail")},
+        winrate=winrate, color_shift=color_shift, change=_change(_node(metrics, "change"), prompts, seeds),
+        fid=fid, inception_score=inception_score, clip_score=clip_score, bias=bias, toxicity=toxicity,
+        report=report, prompt_filter=filter_summary,
     )

@@ -5,7 +5,8 @@ embedded as a base64 ``data:`` URI (the cached PNG itself when it is at most ``r
 longer side, else a JPEG thumbnail of that size). From the top: the run's settings, the win-rate matrices (rate of
 the row model over the column model, 95 % interval, wins/ties/losses), mean scores, the other metrics, then one
 section per prompt with the models side by side (one column per model, one row per seed, each image with its scores
-under it, and a best-of-k row). Every piece of user text (prompts, names, paths) goes through ``html.escape``.
+under it, and a best-of-k row); with the prompt safety filter on, its counts and the dropped prompts (collapsed).
+Every piece of user text (prompts, names, paths) goes through ``html.escape``.
 Images are shown for the first ``report.max_prompts`` prompts; every prompt is scored.
 """
 
@@ -194,6 +195,19 @@ def prompt_sections(plan: Plan, evaluation: Evaluation, folders: dict[str, Path]
     return "".join(parts)
 
 
+def dropped_section(plan: Plan, shown: int = 50) -> str:
+    """The prompts the safety filter dropped (collapsed; the first ``shown``), or nothing."""
+    dropped = (plan.prompt_filter or {}).get("dropped_prompts") or []
+    if not dropped:
+        return ""
+    items = "".join(f"<li>#{d['index']} <span class=s>(p {fmt(d['p_unsafe'])})</span> {esc(d['prompt'])}</li>"
+                    for d in dropped[:shown])
+    more = f"<p class=muted>... and {len(dropped) - shown} more (metrics.json)</p>" if len(dropped) > shown else ""
+    return (f"<details><summary>{len(dropped)} prompt(s) dropped by the safety filter (numbered by their place in "
+            f"the prompt file; the kept prompts are renumbered 0..{len(plan.prompts) - 1})</summary><ul>{items}</ul>"
+            f"{more}</details>")
+
+
 def render_report(plan: Plan, evaluation: Evaluation, folders: dict[str, Path], summary: dict) -> str:
     models = list(plan.models)
     settings = [("prompts", f"{len(plan.prompts)} from {plan.prompt_source}"),
@@ -209,11 +223,15 @@ def render_report(plan: Plan, evaluation: Evaluation, folders: dict[str, Path], 
         parts += ["full UNet"] if spec.unet else []
         parts += ["conditioner"] if spec.conditioner else []
         settings.append((f"model {name}", ", ".join(parts) if parts else "none (base)"))
+    if plan.prompt_filter:
+        from alignment.evaluation.prompt_filter import describe_summary
+
+        settings.insert(1, ("prompt filter", describe_summary(plan.prompt_filter)))
     info = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in settings)
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width, initial-scale=1'>"
             f"<title>Evaluation: {esc(', '.join(models))}</title><style>{CSS}</style></head><body>"
-            f"<h1>Evaluation: {esc(' vs '.join(models))}</h1><dl>{info}</dl>"
+            f"<h1>Evaluation: {esc(' vs '.join(models))}</h1><dl>{info}</dl>{dropped_section(plan)}"
             f"<h2>Win rates</h2>{winrate_section(evaluation.metrics, models)}"
             f"{metrics_sections(evaluation.metrics)}"
             f"{prompt_sections(plan, evaluation, folders)}</body></html>\n")
