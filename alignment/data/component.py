@@ -64,20 +64,28 @@ def check_objective_fits(objective, node: DictConfig) -> None:
         raise ConfigError(f"dataset: {type(objective).__name__} trains on {objective.batch_kind} but dataset={name} "
                           f"gives {kind} ({hint})")
     carried = list(node.get("extra_columns") or [])
-    missing = [column for column in objective.required_extras() if column not in carried]
+    labeller = objective.pair_labeller()
+    provided = tuple(getattr(labeller, "extras", ()) or ())  # computed by the method's pair labeller
+    missing = [column for column in objective.required_extras() if column not in carried + list(provided)]
     if missing:
         raise ConfigError(f"dataset.extra_columns: {type(objective).__name__} needs the per-sample column "
                           f"{missing[0]!r} (add it: dataset.extra_columns=[{', '.join(carried + missing)}])")
 
 
-def build_dataset(node: DictConfig, source: str | None = None):
-    """Instantiate the dataset (with ``source`` replaced, e.g. by the file ``dataset.generate`` built)."""
-    from alignment.config import instantiate_checked
+def build_dataset(node: DictConfig, source: str | None = None, **computed):
+    """Instantiate the dataset (with ``source`` replaced, e.g. by the file ``dataset.generate`` built; ``computed``:
+    arguments that come from code, not the config — a pair labeller's ``labels`` and ``extra_values``)."""
+    from alignment.config import check_keys, instantiate_checked
 
     options = dataset_options(node)
     if source is not None:
         options.source = str(source)
-    return instantiate_checked(options, "dataset")
+    if not computed:
+        return instantiate_checked(options, "dataset")
+    # called directly: Hydra would merge a million labels into an OmegaConf node first
+    target = check_keys(options, "dataset")
+    kwargs = {k: v for k, v in OmegaConf.to_container(options, resolve=True).items() if k != "_target_"}
+    return target(**kwargs, **computed)
 
 
 def collate_fn(dataset):

@@ -130,11 +130,17 @@ class PreferencePairs(Dataset):
         extra_columns: Further columns of the source to carry per item (``item["extras"]``), e.g. a vote label
             or a vector of scores; collated into ``batch["extras"]`` and handed to the objective.
         hf_cache_dir: Cache folder of Hugging Face ``datasets`` (its default, ``HF_DATASETS_CACHE``, when ``None``).
+        labels: Labels that replace ``label_0``, one per source row from the first (an objective's pair labeller,
+            e.g. BalancedDPO's vote): 1.0 / 0.0 / 0.5 as in ``label_0``, or ``None`` to leave the row out. Rows
+            past the end of ``labels`` are left out too (``num_unlabelled`` counts both).
+        extra_values: Per-sample columns computed outside the source (a pair labeller's), one value per source
+            row, carried like ``extra_columns``.
 
     Attributes:
         skipped_rows: Original row indices dropped as bad rows (``bad_rows="skip"``), in increasing order.
         num_ties_dropped: Number of tie rows removed by ``ties="drop"``.
         num_source_rows: Number of rows in the source.
+        num_unlabelled: Rows left out because ``labels`` gives them no label.
 
     Items are dicts with ``pixel_values_w`` and ``pixel_values_l`` (float32 ``(3, resolution, resolution)`` in
     ``[-1, 1]``), ``caption`` (str), ``index`` (the dataset index) and ``extras`` (``{column: value}``). An item is a
@@ -161,6 +167,8 @@ class PreferencePairs(Dataset):
         seed: int = 0,
         extra_columns: Sequence[str] = (),
         hf_cache_dir: str | None = None,
+        labels: Sequence[float | None] | None = None,
+        extra_values: dict[str, Sequence] | None = None,
     ):
         if ties not in TIE_POLICIES:
             raise ConfigError(f"dataset.ties must be one of {', '.join(TIE_POLICIES)}, got {ties!r}")
@@ -203,13 +211,20 @@ class PreferencePairs(Dataset):
 
         self.skipped_rows: list[int] = []
         self.num_ties_dropped = 0
+        self.num_unlabelled = 0
+        self._labels = list(labels) if labels is not None else None
+        extra_values = dict(extra_values or {})
+        clash = [column for column in extra_values if column in self.extra_columns or column in REQUIRED_COLUMNS]
+        if clash:
+            raise ConfigError(f"dataset.extra_columns: {clash[0]!r} is computed by the method; do not list it")
         rows, winner_first = self._filter_labels(max_rows)
         if check_images:
             rows, winner_first = self._filter_images(rows, winner_first)
         if not rows:
+            unlabelled = f", {self.num_unlabelled} left out by the method's labels" if self._labels is not None else ""
             raise DataError(
                 f"{self.source}: no usable rows ({self.num_source_rows} rows, {self.num_ties_dropped} ties dropped, "
-                f"{len(self.skipped_rows)} bad rows skipped)"
+                f"{len(self.skipped_rows)} bad rows skipped{unlabelled})"
             )
         self._rows = rows
         self._winner_first = winner_first
@@ -220,6 +235,8 @@ class PreferencePairs(Dataset):
         self._extras = {}
         for column in self.extra_columns:
             values = extras_table.select_columns([column])[:].column(column).to_pylist()
+            self._extras[column] = [values[row] for row in rows]
+        for column, values in extra_values.items():
             self._extras[column] = [values[row] for row in rows]
 
     # ------------------------------------------------------------------------------------------------ filtering
@@ -233,11 +250,16 @@ class PreferencePairs(Dataset):
     def _filter_labels(self, max_rows: int | None) -> tuple[list[int], list[bool]]:
         """Applies the tie policy and checks the labels; returns kept rows and whether jpg_0 is their winner."""
         labels = self._table.select_columns(["label_0"])[:].column("label_0").to_pylist()
+        if self._labels is not None:  # a pair labeller's labels replace the source's; None: left out
+            labels = [self._labels[row] if row < len(self._labels) else None for row in range(len(labels))]
         rows: list[int] = []
         winner_first: list[bool] = []
         for row, label in enumerate(labels):
             if max_rows is not None and len(rows) >= max_rows:
                 break
+            if label is None and self._labels is not None:
+                self.num_unlabelled += 1
+                continue
             try:
                 label = float(label)
             except (TypeError, ValueError):

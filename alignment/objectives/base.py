@@ -16,6 +16,10 @@ logs images (the LightningModule and its callbacks do that):
   conditioning; used in training, in the sample grid, and exported with the run.
 - ``trainable_parameters()``: what it trains besides the UNet adapter / the UNet (e.g. a value encoder).
 - ``on_optimizer_step_end(backbone, step)``: a hook after each optimizer step (e.g. a reference refresh).
+- ``pair_labeller()``: optionally an object that relabels a pair dataset from scores computed once by a builder
+  and cached beside the data (BalancedDPO's vote; docs/contract.md#pair-labellers). It has ``extras`` (the
+  per-sample columns it adds), ``resolve(available scorer names) -> names``, ``builder(source, split, max_rows)``
+  and ``label(table) -> PairLabels``; the recipe runs it, the training loop never sees it.
 """
 
 from __future__ import annotations
@@ -205,3 +209,7 @@ class Objective(nn.Module):
 
     def on_optimizer_step_end(self, backbone, step: int) -> None:
         """Hook after each optimizer step (e.g. a periodic reference refresh)."""
+
+    def pair_labeller(self):
+        """The object that relabels pair data before training (see the module docstring), or None."""
+        return None

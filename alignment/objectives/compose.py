@@ -112,6 +112,15 @@ class WeightedSum(Objective):
         for term in self.terms.values():
             term.on_optimizer_step_end(backbone, step)
 
+    def pair_labeller(self):
+        # the data has one set of labels: at most one term may relabel it
+        labellers = [(name, term.pair_labeller()) for name, term in self.terms.items()]
+        labellers = [(name, labeller) for name, labeller in labellers if labeller is not None]
+        if len(labellers) > 1:
+            raise ConfigError(f"method.objective: terms {labellers[0][0]} and {labellers[1][0]} both relabel the "
+                              "pairs; at most one term may")
+        return labellers[0][1] if labellers else None
+
 
 def build_objective(method: DictConfig, terms: DictConfig | None = None) -> Objective:
     """``method.objective``, plus the weighted terms of the ``terms`` group (``terms=[sft]``), checked key by key

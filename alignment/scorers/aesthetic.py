@@ -64,6 +64,9 @@ class LaionAesthetic(Scorer):
     name = "aesthetic"
     differentiable = True
 
+    weight_keys = ("model", "mlp_weights")
+    required_weight_keys = ("mlp_weights",)
+
     def __init__(self, model="openai/clip-vit-large-patch14", mlp_weights=None, dtype="float32",
                  local_files_only: bool = False, name: str | None = None):
         super().__init__()

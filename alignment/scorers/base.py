@@ -69,6 +69,10 @@ class Scorer(nn.Module):
 
     name: str = "scorer"
     differentiable: bool = True
+    #: constructor arguments that name weights (a hub id, a local folder or file): checked before any model loads
+    weight_keys: tuple[str, ...] = ()
+    #: those of them that have no default and must be given
+    required_weight_keys: tuple[str, ...] = ()
 
     def __init__(self):
         super().__init__()
@@ -104,6 +108,39 @@ class Scorer(nn.Module):
             chunk = images[start:start + batch_size].to(self.device, self.dtype)
             out.append(self(chunk, prompts[start:start + batch_size]).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.endswith((".pth", ".pt", ".safetensors", ".bin"))
+
+
+def check_scorer_weights(node, key: str) -> None:
+    """Before any model loads: a scorer's required weights are given and its local weight paths exist (one line
+    naming the scorer and the key). Hub ids are checked when they load."""
+    import os
+    from pathlib import Path
+
+    from hydra.utils import get_class
+
+    if node is None or "_target_" not in node:
+        return
+    try:
+        target = get_class(str(node._target_))
+    except Exception:  # check_keys names a bad _target_
+        return
+    for name in getattr(target, "required_weight_keys", ()):
+        if node.get(name) in (None, ""):
+            raise ConfigError(f"{key}.{name}: required — the weights of scorer {key.split('.')[-1]!r} "
+                              f"(set {key}.{name}=<path or hub id>)")
+    for name in getattr(target, "weight_keys", ()):
+        value = node.get(name)
+        if isinstance(value, (str, os.PathLike)) and _looks_local(str(value)):
+            path = Path(str(value)).expanduser()
+            parts = str(value).split("/")
+            hub_file = not str(value).startswith(("/", ".", "~")) and len(parts) >= 3
+            if not path.exists() and not hub_file:
+                raise ConfigError(f"{key}.{name}: {value} does not exist (weights of scorer "
+                                  f"{key.split('.')[-1]!r})")
 
 
 def build_scorers(node) -> dict[str, Scorer]:

@@ -146,6 +146,7 @@ class ClipBackedScorer(Scorer):
 
     name = "clip"
     pad_to_square = False
+    weight_keys = ("model", "processor", "tokenizer")
 
     def __init__(self, model=None, processor=None, tokenizer=None, dtype="float32", local_files_only: bool = False,
                  name: str | None = None):
@@ -244,6 +245,8 @@ class HPSv2(ClipBackedScorer):
     """
 
     name = "hpsv2"
+    weight_keys = ("checkpoint", "tokenizer")
+    required_weight_keys = ("checkpoint",)
 
     def __init__(self, checkpoint=None, tokenizer=OFFLINE_BPE, architecture=None, dtype="float32",
                  local_files_only: bool = False, pad_value: float = 0.0, name: str | None = None):

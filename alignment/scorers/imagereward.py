@@ -250,6 +250,8 @@ class ImageReward(Scorer):
 
     name = "imagereward"
     differentiable = True
+    weight_keys = ("checkpoint", "tokenizer")
+    required_weight_keys = ("checkpoint",)
 
     def __init__(self, checkpoint: str | None = None, tokenizer: str = "bert-base-uncased", dtype: str = "float32",
                  local_files_only: bool = False, max_length: int = MAX_LENGTH,

@@ -32,6 +32,7 @@ class SafetyCheckerNSFW(Scorer):
 
     name = "nsfw"
     differentiable = True
+    weight_keys = ("model",)
 
     def __init__(self, model="CompVis/stable-diffusion-safety-checker", dtype="float32",
                  local_files_only: bool = False, special_care: bool = True, name: str | None = None):

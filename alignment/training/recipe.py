@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -129,28 +130,77 @@ def make_builder(cfg: DictConfig):
     return builder
 
 
-def prepare_data(cfg: DictConfig, builder=None, backbone=None, scorers: dict | None = None):
+def prepare_data(cfg: DictConfig, builder=None, backbone=None, scorers: dict | None = None, labeller=None,
+                 run_dir: Path | None = None):
     """The dataset: read from ``dataset.source``, or first built there by ``builder`` (``make_builder``) — once,
     shared by every process (rank 0 builds, the others wait), and without disturbing the global random state (the
-    LoRA initialisation that follows is the same whether the data was built now or by an earlier run)."""
+    LoRA initialisation that follows is the same whether the data was built now or by an earlier run).
+
+    With an objective's pair ``labeller`` (docs/contract.md#pair-labellers) the pairs are first scored by its
+    builder — once, cached beside the data, keyed by the data and the scorers' weights — and relabelled from those
+    scores; the label statistics are printed, written to ``<run_dir>/labels.json`` and kept as
+    ``dataset.label_stats``."""
+    import torch
+
     from alignment.data.component import build_dataset
 
     data = cfg.dataset
     source = None
     if builder is not None:
-        import torch
-
         from alignment.builders.runner import ensure_built
 
         with torch.random.fork_rng(devices=[]):
             source = ensure_built(builder, data.source, backbone=backbone, scorers=scorers or {})
         print(f"dataset: generated pairs in {source}", file=sys.stderr)
-    dataset = build_dataset(data, source)
+    computed, stats = {}, None
+    if labeller is not None:
+        computed, stats = relabel(cfg, labeller, str(source if source is not None else data.source), scorers or {})
+    dataset = build_dataset(data, source, **computed)
     skipped = getattr(dataset, "skipped_rows", [])
     if skipped:
         print(f"dataset: skipped {len(skipped)} bad row(s) of {data.source} (dataset.bad_rows=skip): rows "
               f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}", file=sys.stderr)
+    if stats is not None:
+        stats["dataset_rows"] = len(dataset)
+        dataset.label_stats = stats
+        if run_dir is not None and int(os.environ.get("RANK", "0") or 0) == 0:
+            from alignment.files import atomic_write_text
+
+            atomic_write_text(json.dumps(stats, indent=1) + "\n", Path(run_dir) / "labels.json")
     return dataset
+
+
+def relabel(cfg: DictConfig, labeller, source: str, scorers: dict) -> tuple[dict, dict]:
+    """Score the pairs with the labeller's builder (cached: ``ensure_built``) and compute their labels; returns the
+    dataset's computed arguments (``labels``, ``extra_values``) and the label statistics."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from alignment.builders.pair_scores import default_out
+    from alignment.builders.runner import ensure_built
+
+    data = cfg.dataset
+    builder = labeller.builder(source, str(data.get("split", "train")), data.get("max_rows"))
+    out = getattr(labeller, "cache_dir", None) or default_out(source)
+    with torch.random.fork_rng(devices=[]):
+        path = ensure_built(builder, out, None, {name: scorers[name] for name in builder.scorer_names})
+    result = labeller.label(pq.read_table(path))
+    stats = {"scores": str(path), **result.stats}
+    agreement = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in stats.items() if k.startswith("agreement/"))
+    print(f"labels ({stats['rule']}): {stats['kept']} of {stats['pairs']} pairs kept, {stats['ties_dropped']} "
+          f"dropped as ties; flipped against the dataset's labels: {stats['flipped_fraction']:.3f}; agreement with "
+          f"the label: {agreement}; exact score ties: {stats['exact_ties']} (scores: {path})", file=sys.stderr)
+    return {"labels": result.labels, "extra_values": result.extras}, stats
+
+
+def log_label_stats(trainer, stats: dict | None) -> None:
+    """The label statistics as ``labels/*`` scalars at step 0 of every logger (W&B, CSV)."""
+    if not stats:
+        return
+    scalars = {f"labels/{k}": float(v) for k, v in stats.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=0)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -161,7 +211,7 @@ def train(cfg: DictConfig) -> dict:
     from alignment.data.component import check_objective_fits, dataset_class
     from alignment.training.reference import check_reference
     from alignment.objectives.compose import build_objective
-    from alignment.scorers.base import build_scorers
+    from alignment.scorers.base import build_scorers, check_scorer_weights
     from alignment.training.checkpointing import resolve_resume
     from alignment.training.datamodule import AlignmentDataModule
     from alignment.training.module import AlignmentModule
@@ -180,31 +230,37 @@ def train(cfg: DictConfig) -> dict:
     if cfg.dataset.get("cache") and dataset_class(cfg.dataset).kind != "pairs":
         raise ConfigError("dataset.cache: the latent cache stores image pairs; prompt-only data has none")
     scorer_names = wanted_scorers(objective, cfg)
+    labeller = objective.pair_labeller()
+    configured = [str(name) for name in (cfg.get("scorers") or {})]
+    label_scorers = labeller.resolve(configured) if labeller is not None else []
     kwargs = trainer_kwargs(cfg)
     check_keys(cfg.backbone, "backbone")
     builder = make_builder(cfg)
-    configured = [str(name) for name in (cfg.get("scorers") or {})]
     builder_scorers = [n for n in (getattr(builder, "scorer_names", ()) or ()) if n in configured]
-    for name in builder_scorers:  # a builder may bring its own (the toy judge); it names what it lacks itself
+    names = list(dict.fromkeys(scorer_names + builder_scorers + label_scorers))
+    for name in names:  # a builder may bring its own (the toy judge); it names what it lacks itself
         check_keys(cfg.scorers[name], f"scorers.{name}")
+        check_scorer_weights(cfg.scorers[name], f"scorers.{name}")
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, run_dir, kwargs)
 
     # 2. Data that needs no model is read now (a bad file fails before any model loads), then the models.
     # data that needs no model (a file, or a builder without backbone or scorers) is ready before any model loads
-    needs_models = builder is not None and (builder.needs_backbone or bool(builder_scorers))
-    dataset = None if needs_models else prepare_data(cfg, builder)
+    needs_models = (builder is not None and (builder.needs_backbone or bool(builder_scorers))) or bool(label_scorers)
+    if labeller is not None and builder is None:  # a source that cannot be read fails before any model loads
+        labeller.builder(str(cfg.dataset.source), str(cfg.dataset.get("split", "train")), cfg.dataset.get("max_rows"))
+    dataset = None if needs_models else prepare_data(cfg, builder, run_dir=run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = instantiate_checked(cfg.backbone, "backbone")
-    names = list(dict.fromkeys(scorer_names + builder_scorers))
     scorers = build_scorers({name: cfg.scorers[name] for name in names}) if names else {}
     if dataset is None:
-        dataset = prepare_data(cfg, builder, backbone, scorers)
+        dataset = prepare_data(cfg, builder, backbone, scorers, labeller=labeller, run_dir=run_dir)
     module = AlignmentModule(backbone, objective, finetune=cfg.method.finetune, lora=to_plain(cfg.method.get("lora")),
                              optimizer=to_plain(cfg.method.optimizer), lr_scheduler=to_plain(cfg.method.lr_scheduler),
                              seed=cfg.seed, gradient_checkpointing=cfg.method.get("gradient_checkpointing", False),
                              reference=cfg.method.get("reference", "auto"),
                              scorers={name: scorers[name] for name in scorer_names})
+    label_stats = getattr(dataset, "label_stats", None)
     apply_speed(backbone, to_plain(cfg.speed), cfg.trainer.get("accelerator"))
     if cfg.dataset.get("cache"):
         from alignment.data.cache import cached_pairs
@@ -216,6 +272,7 @@ def train(cfg: DictConfig) -> dict:
     # 3. Fit.
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log_label_stats(trainer, label_stats)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     summary = {"run_dir": str(run_dir), "steps": trainer.global_step,
                "metrics": str(run_dir / "metrics.jsonl"),
