@@ -365,6 +365,7 @@ def train_toy(run_dir: Path, source: Path, *overrides: str):
     return proc
 
 
+@pytest.mark.slow
 def test_toy_run_labels_once_and_logs_the_label_statistics(tmp_path, toy_world_pairs):
     first = train_toy(tmp_path / "a", toy_world_pairs, "method.ref_update_every=1")
     stats = json.loads((tmp_path / "a" / "labels.json").read_text())
@@ -386,3 +387,52 @@ def test_toy_run_labels_once_and_logs_the_label_statistics(tmp_path, toy_world_p
     assert any("loss" in m for m in metrics)
     train_toy(tmp_path / "c", toy_world_pairs, "method.label_rule=random", "method.scorer_ties=abstain")
     assert json.loads((tmp_path / "c" / "labels.json").read_text())["rule"] == "random"
+
+
+@pytest.mark.slow
+def test_prompt_only_path_samples_votes_and_trains(tmp_path):
+    from alignment.toy.pairs import captions_for
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(captions_for("train")[:3]) + "\n")
+    run_dir = tmp_path / "run"
+    proc = run_cli("alignment.run", "experiment=balanced_dpo_prompts", "backbone=toy", "scorers=toy_quality",
+                   *FAST_RUN, f"dataset.generate.prompts={prompts}", "dataset.generate.num_images=4",
+                   "dataset.generate.num_inference_steps=2", "dataset.batch_size=2", "trainer.max_steps=2",
+                   "method.ref_update_every=1", f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pools = list((tmp_path / "data" / "pools").glob("pools-*.parquet"))
+    scores = list((tmp_path / "data" / "pools").glob("pair_scores-*.parquet"))
+    assert len(pools) == 1 and len(scores) == 1                     # the scores sit beside the sampled pairs
+    table = pq.read_table(pools[0])
+    assert table.num_rows == 6 and set(table.column("label_0").to_pylist()) == {0.5}   # unlabelled until the vote
+    stats = json.loads((run_dir / "labels.json").read_text())
+    assert stats["pairs"] == 6 and stats["kept"] == stats["dataset_rows"] >= 1
+    assert math.isnan(stats["flipped_fraction"])                    # no dataset labels to flip
+
+
+@pytest.mark.parametrize("experiment", ["balanced_dpo_sd15", "balanced_dpo_sd21", "balanced_dpo_sdxl",
+                                        "balanced_dpo_prompts", "toy_balanced_dpo"])
+def test_experiment_files_compose_and_pass_the_checks_that_build_nothing(experiment, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from alignment.cli import CONF_DIR
+    from alignment.data.component import check_objective_fits
+    from alignment.objectives.compose import build_objective
+    from alignment.training.reference import check_reference
+    from alignment.training.schema import check_run_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}", f"output_dir={tmp_path}"])
+    check_run_config(cfg)
+    objective = build_objective(cfg.method, cfg.get("terms"))
+    assert isinstance(objective, BalancedDPO) and objective.ref_update_every == 100
+    check_reference(cfg.method.reference, cfg.method.finetune)
+    check_objective_fits(objective, cfg.dataset)
+    names = objective.pair_labeller().resolve([str(n) for n in cfg.scorers])
+    if experiment.startswith("balanced_dpo_sd"):   # the paper: 2000 steps, effective batch 128, lr 1e-8 × batch
+        assert names == ["pickscore", "hpsv2", "clip", "aesthetic"]
+        assert cfg.trainer.max_steps == 2000 and cfg.method.lr_scheduler.warmup_steps == 500
+        assert cfg.dataset.batch_size * cfg.trainer.accumulate_grad_batches * cfg.trainer.devices == 128
+        assert cfg.method.optimizer.lr == 1e-8 and cfg.method.optimizer.scale_lr
+        assert cfg.method.reference == "frozen_copy" and cfg.method.finetune == "full"

@@ -220,6 +220,7 @@ def test_generate_writes_only_kept_prompts(classifier, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_evaluate_cli_records_kept_and_dropped(classifier, tmp_path):
     threshold = middle_threshold(by_hand(classifier, PROMPTS))
     keep = PromptSafetyFilter(str(classifier), threshold=threshold, device="cpu")(PROMPTS)

@@ -120,6 +120,7 @@ def run_record(job_dir: Path):
     return next(r.run for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "run")
 
 
+@pytest.mark.slow
 def test_multirun_groups_tags_and_summary(tmp_path, data_dir):
     sweep_dir = tmp_path / "multirun" / "dpo-tiny" / "sweep1"
     proc = run_cli("alignment.run", "-m", "method.beta=1000,2000", "logger=wandb", "samples.every_n_steps=0",

@@ -33,7 +33,7 @@ import torch
 
 from alignment.builders.base import Builder
 from alignment.config import positive_int
-from alignment.errors import ConfigError
+from alignment.errors import ConfigError, DataError
 
 PAIR_SCORES_VERSION = 1
 
@@ -129,8 +129,13 @@ class PairScores(Builder):
                 prompts = [captions[offset] for offset, _ in batch]
                 for name in self.scorer_names:
                     scorer = scorers[name]
-                    with torch.no_grad():
-                        values = scorer(pixels.to(scorer.device, scorer.dtype), prompts).double().cpu().tolist()
+                    try:
+                        with torch.no_grad():
+                            values = scorer(pixels.to(scorer.device, scorer.dtype), prompts).double().cpu().tolist()
+                    except (ValueError, RuntimeError) as err:  # e.g. a caption the scorer cannot read
+                        reason = " ".join(str(err).split())[:200] or type(err).__name__
+                        raise DataError(f"{self.source} rows {start}-{stop - 1}: scorer {name!r} cannot score "
+                                        f"them ({reason})") from None
                     for (offset, column_index), value in zip(batch, values):
                         scores[name][offset][column_index] = value
         rows = []
