@@ -313,6 +313,53 @@ def test_pair_scores_bad_input(colour_pairs, tmp_path):
         PairScores(str(bad), ["red"])
 
 
+def test_an_unscorable_row_is_a_bad_row_not_a_tie(colour_pairs):
+    from alignment.builders.runner import build_table
+    from alignment.builders.pair_scores import PairScores
+    from alignment.data.pickapic import PreferencePairs
+    from alignment.errors import DataError
+
+    scorers = {"red": MeanColourScorer((1.0, 0.0, 0.0)), "blue": MeanColourScorer((0.0, 0.0, 1.0))}
+    table = build_table(PairScores(str(colour_pairs), ["red", "blue"]), None, scorers)
+    for tie_policy in ("first", "drop"):
+        labeller = EnsembleLabeller("majority_vote", None, None, None, tie_policy, "first")
+        labeller.resolve(["red", "blue"])
+        result = labeller.label(table)
+        assert math.isnan(result.labels[5]) and result.stats["unscorable"] == 1      # row 5: jpg_0 is not an image
+        with pytest.raises(DataError, match=r"row 5: the method could not label it"):
+            PreferencePairs(colour_pairs, resolution=16, labels=result.labels, check_images=False, bad_rows="fail")
+        dataset = PreferencePairs(colour_pairs, resolution=16, labels=result.labels, check_images=False,
+                                  bad_rows="skip")
+        assert dataset.skipped_rows == [5] and 5 not in dataset.rows()
+
+
+def test_a_read_only_score_folder_is_one_line_before_any_model(tmp_path, toy_world_pairs, monkeypatch):
+    import os
+
+    from tests.test_bad_inputs import train_error
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else True)
+    error = train_error(tmp_path, "experiment=toy_balanced_dpo", f"dataset.source={toy_world_pairs}")
+    assert error.startswith("method.label_cache: cannot write the pair scores into"), error
+
+
+def test_the_source_is_read_before_any_model(tmp_path, toy_world_pairs, monkeypatch):
+    import alignment.config
+    from tests.test_bad_inputs import train_error
+
+    built = []
+    original = alignment.config.instantiate_checked
+    monkeypatch.setattr(alignment.config, "instantiate_checked",
+                        lambda node, key, **kw: built.append(key) or original(node, key, **kw))
+    error = train_error(tmp_path, "experiment=toy_balanced_dpo", f"dataset.source={toy_world_pairs}",
+                        "dataset.ties=coin")
+    assert error == "dataset.ties must be one of drop, keep_first, got 'coin'"
+    error = train_error(tmp_path, "experiment=toy_balanced_dpo", f"dataset.source={toy_world_pairs}",
+                        "dataset.extra_columns=[nope]")
+    assert error.startswith("dataset.extra_columns: ") and "has no column 'nope'" in error
+    assert "backbone" not in built
+
+
 # ------------------------------------------------------------------------------------------------ bad input (CLI)
 @pytest.mark.parametrize("overrides, expected", [
     (("scorers=[toy_colour,aesthetic]",), "scorers.aesthetic.mlp_weights: required — the weights of scorer "
@@ -325,6 +372,7 @@ def test_pair_scores_bad_input(colour_pairs, tmp_path):
     (("scorers=toy_quality", "method.ensemble=[toy_colour,toy_colr]"), "method.ensemble: scorer 'toy_colr' is not"),
     (("scorers=toy_quality", "method.label_rule=single"), "method.scorer: label_rule=single needs the name"),
     (("scorers=none",), "scorers: BalancedDPO labels pairs with a scorer ensemble and none is configured"),
+    (("scorers=toy_quality", "method.label_rule=loss_sum", "terms=[sft]"), "method.objective: term"),
 ])
 def test_bad_input_is_one_line_before_any_model(tmp_path, monkeypatch, data_dir, overrides, expected):
     import alignment.config
@@ -408,7 +456,7 @@ def test_prompt_only_path_samples_votes_and_trains(tmp_path):
     assert table.num_rows == 6 and set(table.column("label_0").to_pylist()) == {0.5}   # unlabelled until the vote
     stats = json.loads((run_dir / "labels.json").read_text())
     assert stats["pairs"] == 6 and stats["kept"] == stats["dataset_rows"] >= 1
-    assert math.isnan(stats["flipped_fraction"])                    # no dataset labels to flip
+    assert stats["flipped_fraction"] is None                         # no dataset labels to flip (NaN -> null)
 
 
 @pytest.mark.parametrize("experiment", ["balanced_dpo_sd15", "balanced_dpo_sd21", "balanced_dpo_sdxl",

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -131,8 +132,10 @@ class PreferencePairs(Dataset):
             or a vector of scores; collated into ``batch["extras"]`` and handed to the objective.
         hf_cache_dir: Cache folder of Hugging Face ``datasets`` (its default, ``HF_DATASETS_CACHE``, when ``None``).
         labels: Labels that replace ``label_0``, one per source row from the first (an objective's pair labeller,
-            e.g. BalancedDPO's vote): 1.0 / 0.0 / 0.5 as in ``label_0``, or ``None`` to leave the row out. Rows
-            past the end of ``labels`` are left out too (``num_unlabelled`` counts both).
+            e.g. BalancedDPO's vote): 1.0 / 0.0 / 0.5 as in ``label_0``, ``None`` to leave the row out, NaN for a
+            row the labeller could not label (a bad row: ``bad_rows`` decides). Rows past the end of ``labels`` are
+            left out too (``num_unlabelled`` counts them with the ``None`` rows). The source's own ties are then
+            whatever the labeller made of them, and ``max_rows`` counts source rows before the labels.
         extra_values: Per-sample columns computed outside the source (a pair labeller's), one value per source
             row, carried like ``extra_columns``.
 
@@ -259,6 +262,10 @@ class PreferencePairs(Dataset):
                 break
             if label is None and self._labels is not None:
                 self.num_unlabelled += 1
+                continue
+            if self._labels is not None and isinstance(label, float) and math.isnan(label):
+                self._bad_row(row, "the method could not label it (an image that cannot be decoded, or a label_0 "
+                                   "that is not 0, 0.5 or 1)")
                 continue
             try:
                 label = float(label)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -118,7 +119,7 @@ class PairLabels:
     """What a pair labeller gives the dataset: per source row a label (1.0, 0.0 or ``None`` = left out), extra
     per-sample columns for the objective, and statistics for the log."""
 
-    labels: list[float | None]
+    labels: list[float | None]           # NaN: a bad row (unscorable), handled by dataset.bad_rows
     extras: dict[str, list] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -131,7 +132,10 @@ class EnsembleLabeller:
         self.label_rule, self.ensemble, self.scorer = label_rule, ensemble, scorer
         self.weights, self.tie_policy, self.scorer_ties = dict(weights or {}), tie_policy, scorer_ties
         self.names: list[str] | None = None
+        self.label_cache: str | None = None
         self.extras = ("votes",) if label_rule in PER_STEP_RULES else ()
+        # the per-step rules keep each pair in its dataset order: latents_w is x¹, not necessarily the preferred one
+        self.orders_pairs = label_rule not in PER_STEP_RULES
 
     # -- before any model: which scorers
     def resolve(self, available: Sequence[str]) -> list[str]:
@@ -161,10 +165,27 @@ class EnsembleLabeller:
             raise RuntimeError("EnsembleLabeller.resolve(available scorers) must run first")
         return self.names
 
-    def builder(self, source: str, split: str = "train", max_rows: int | None = None):
+    def builder(self, source: str, split: str = "train", max_rows: int | None = None,
+                hf_cache_dir: str | None = None):
         from alignment.builders.pair_scores import PairScores
 
-        return PairScores(source, self._names(), split=split, max_rows=max_rows, config_key="method.label_cache")
+        return PairScores(source, self._names(), split=split, max_rows=max_rows, hf_cache_dir=hf_cache_dir,
+                          config_key="dataset")
+
+    def cache_dir(self, source: str) -> Path:
+        """Where the scores are cached: ``method.label_cache``, else beside the data."""
+        from alignment.builders.pair_scores import default_out
+
+        return Path(self.label_cache).expanduser() if self.label_cache else default_out(source)
+
+    @staticmethod
+    def describe(stats: dict[str, Any]) -> str:
+        """One line for the log."""
+        agreement = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in stats.items() if k.startswith("agreement/"))
+        return (f"labels ({stats['rule']}): {stats['kept']} of {stats['pairs']} pairs kept, {stats['ties_dropped']} "
+                f"dropped as ties, {stats['unscorable']} unscorable; flipped against the dataset's labels: "
+                f"{stats['flipped_fraction']:.3f}; agreement with the {stats['compared_with']}: {agreement}; exact "
+                f"score ties: {stats['exact_ties']}")
 
     # -- after scoring: labels
     def label(self, table) -> PairLabels:
@@ -175,6 +196,10 @@ class EnsembleLabeller:
         s1 = np.stack([np.asarray(table.column(score_columns(n)[0]).to_pylist(), float) for n in names], axis=1)
         s2 = np.stack([np.asarray(table.column(score_columns(n)[1]).to_pylist(), float) for n in names], axis=1)
         own = [None if v is None or math.isnan(v) else float(v) for v in table.column("label_0").to_pylist()]
+        # a row some image of which could not be scored, or whose own label is not 0 / 0.5 / 1, is a bad row for
+        # the dataset (dataset.bad_rows), not a tie
+        unscorable = np.isnan(s1).any(axis=1) | np.isnan(s2).any(axis=1) | ~np.isin(
+            np.asarray([o if o is not None else np.nan for o in own], float), (0.0, 0.5, 1.0))
         votes = scorer_votes(s1, s2, self.scorer_ties)
         rule = self.label_rule
         if rule == "majority_vote":
@@ -189,13 +214,25 @@ class EnsembleLabeller:
             vote = np.where((votes != 0).any(axis=1), 1, 0).astype(np.int8)
         policy = self.tie_policy if rule not in PER_STEP_RULES else "drop"
         labels = resolve_ties(vote, own, policy)
+        labels = [math.nan if bad else label for bad, label in zip(unscorable.tolist(), labels)]
         extras = {"votes": votes.astype(float).tolist()} if rule in PER_STEP_RULES else {}
-        return PairLabels(labels, extras, self.statistics(votes, vote, labels, own, s1, s2))
+        # the per-step rules have no fixed label: their statistics describe the majority vote of the same scores
+        shown = labels if rule not in PER_STEP_RULES else [
+            math.nan if bad else label for bad, label in zip(unscorable.tolist(), resolve_ties(
+                majority_vote(votes), own, "drop"))]
+        stats = self.statistics(votes, vote if rule not in PER_STEP_RULES else majority_vote(votes), shown, own,
+                                s1, s2)
+        stats.update({"rule": rule, "kept": int(sum(lab is not None and not math.isnan(lab) for lab in labels)),
+                      "unscorable": int(unscorable.sum()),
+                      "compared_with": "label" if rule not in PER_STEP_RULES else "majority vote"})
+        stats["ties_dropped"] = stats["pairs"] - stats["kept"] - stats["unscorable"]
+        return PairLabels(labels, extras, stats)
 
     def statistics(self, votes, vote, labels, own, s1, s2) -> dict[str, Any]:
         """What the run logs about its labels: flips against the dataset's own labels, each scorer's agreement
         with the label, ties dropped, and how many single-scorer votes were exact score ties."""
         names = self._names()
+        labels = [None if lab is not None and math.isnan(lab) else lab for lab in labels]
         kept = np.asarray([lab is not None for lab in labels])
         new = np.asarray([lab if lab is not None else np.nan for lab in labels], dtype=float)
         own_arr = np.asarray([o if o is not None else np.nan for o in own], dtype=float)
@@ -262,7 +299,7 @@ class BalancedDPO(DiffusionDPO):
                                   f"frozen_copy (full), got method.reference={reference}")
         self.label_rule, self.ref_update_every = label_rule, ref_update_every
         self.labeller = EnsembleLabeller(label_rule, ensemble, scorer, weights, tie_policy, scorer_ties)
-        self.labeller.cache_dir = label_cache
+        self.labeller.label_cache = label_cache
 
     def pair_labeller(self) -> EnsembleLabeller:
         return self.labeller

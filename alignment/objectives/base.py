@@ -18,8 +18,9 @@ logs images (the LightningModule and its callbacks do that):
 - ``on_optimizer_step_end(backbone, step)``: a hook after each optimizer step (e.g. a reference refresh).
 - ``pair_labeller()``: optionally an object that relabels a pair dataset from scores computed once by a builder
   and cached beside the data (BalancedDPO's vote; docs/contract.md#pair-labellers). It has ``extras`` (the
-  per-sample columns it adds), ``resolve(available scorer names) -> names``, ``builder(source, split, max_rows)``
-  and ``label(table) -> PairLabels``; the recipe runs it, the training loop never sees it.
+  per-sample columns it adds), ``orders_pairs`` (whether ``latents_w`` is then the preferred image), ``resolve(
+  available scorer names) -> names``, ``builder(source, split, max_rows, hf_cache_dir)``, ``cache_dir(source)``,
+  ``label(table) -> PairLabels`` and ``describe(stats) -> str``; the recipe runs it, the training loop never sees it.
 """
 
 from __future__ import annotations

@@ -119,6 +119,10 @@ class WeightedSum(Objective):
         if len(labellers) > 1:
             raise ConfigError(f"method.objective: terms {labellers[0][0]} and {labellers[1][0]} both relabel the "
                               "pairs; at most one term may")
+        if labellers and not getattr(labellers[0][1], "orders_pairs", True) and len(self.terms) > 1:
+            raise ConfigError(f"method.objective: term {labellers[0][0]} keeps each pair in its dataset order (its "
+                              "label is decided per step), so another term would take the first image as the "
+                              "preferred one; use a label rule that orders the pairs, or no other term")
         return labellers[0][1] if labellers else None
 
 

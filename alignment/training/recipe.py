@@ -162,35 +162,64 @@ def prepare_data(cfg: DictConfig, builder=None, backbone=None, scorers: dict | N
               f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}", file=sys.stderr)
     if stats is not None:
         stats["dataset_rows"] = len(dataset)
+        stats["bad_rows_skipped"] = len(skipped)
         dataset.label_stats = stats
         if run_dir is not None and int(os.environ.get("RANK", "0") or 0) == 0:
             from alignment.files import atomic_write_text
 
-            atomic_write_text(json.dumps(stats, indent=1) + "\n", Path(run_dir) / "labels.json")
+            plain = {k: (None if isinstance(v, float) and v != v else v) for k, v in stats.items()}  # NaN -> null
+            atomic_write_text(json.dumps(plain, indent=1) + "\n", Path(run_dir) / "labels.json")
     return dataset
 
 
 def relabel(cfg: DictConfig, labeller, source: str, scorers: dict) -> tuple[dict, dict]:
     """Score the pairs with the labeller's builder (cached: ``ensure_built``) and compute their labels; returns the
-    dataset's computed arguments (``labels``, ``extra_values``) and the label statistics."""
+    dataset's computed arguments (``labels``, ``extra_values``) and the label statistics. The scorers score on
+    this process's GPU when there is one and go back to the CPU afterwards."""
     import pyarrow.parquet as pq
     import torch
 
-    from alignment.builders.pair_scores import default_out
     from alignment.builders.runner import ensure_built
+    from alignment.config import resolve_device
 
     data = cfg.dataset
-    builder = labeller.builder(source, str(data.get("split", "train")), data.get("max_rows"))
-    out = getattr(labeller, "cache_dir", None) or default_out(source)
-    with torch.random.fork_rng(devices=[]):
-        path = ensure_built(builder, out, None, {name: scorers[name] for name in builder.scorer_names})
+    builder = labeller.builder(source, str(data.get("split", "train")), data.get("max_rows"),
+                               data.get("hf_cache_dir"))
+    used = {name: scorers[name] for name in builder.scorer_names}
+    device = resolve_device("auto")
+    try:
+        for scorer in used.values():
+            scorer.to(device)
+        with torch.random.fork_rng(devices=[]):
+            path = ensure_built(builder, labeller.cache_dir(source), None, used)
+    finally:
+        for scorer in used.values():
+            scorer.to("cpu")
     result = labeller.label(pq.read_table(path))
     stats = {"scores": str(path), **result.stats}
-    agreement = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in stats.items() if k.startswith("agreement/"))
-    print(f"labels ({stats['rule']}): {stats['kept']} of {stats['pairs']} pairs kept, {stats['ties_dropped']} "
-          f"dropped as ties; flipped against the dataset's labels: {stats['flipped_fraction']:.3f}; agreement with "
-          f"the label: {agreement}; exact score ties: {stats['exact_ties']} (scores: {path})", file=sys.stderr)
+    print(f"{labeller.describe(stats)} (scores: {path})", file=sys.stderr)
     return {"labels": result.labels, "extra_values": result.extras}, stats
+
+
+def check_label_cache(cfg: DictConfig, labeller) -> None:
+    """Before any model loads: the dataset reads (file, columns, rows; its own labels are not used yet) and the
+    folder the labeller's scores go to can be written."""
+    from alignment.data.component import build_dataset
+
+    source = str(cfg.dataset.source)
+    folder = Path(labeller.cache_dir(source))
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ConfigError(f"method.label_cache: cannot write the pair scores into {folder} (read-only); set "
+                          "method.label_cache=<a writable folder>")
+    keep_ties = {"ties": "keep_first"} if "ties" in cfg.dataset else {}   # the source's own ties may be voted on
+    if keep_ties:
+        from alignment.data.pickapic import TIE_POLICIES
+
+        if cfg.dataset.ties not in TIE_POLICIES:
+            raise ConfigError(f"dataset.ties must be one of {', '.join(TIE_POLICIES)}, got {cfg.dataset.ties!r}")
+    node = OmegaConf.merge(cfg.dataset, keep_ties)
+    build_dataset(node)
 
 
 def log_label_stats(trainer, stats: dict | None) -> None:
@@ -248,7 +277,7 @@ def train(cfg: DictConfig) -> dict:
     # data that needs no model (a file, or a builder without backbone or scorers) is ready before any model loads
     needs_models = (builder is not None and (builder.needs_backbone or bool(builder_scorers))) or bool(label_scorers)
     if labeller is not None and builder is None:  # a source that cannot be read fails before any model loads
-        labeller.builder(str(cfg.dataset.source), str(cfg.dataset.get("split", "train")), cfg.dataset.get("max_rows"))
+        check_label_cache(cfg, labeller)
     dataset = None if needs_models else prepare_data(cfg, builder, run_dir=run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = instantiate_checked(cfg.backbone, "backbone")
@@ -261,6 +290,8 @@ def train(cfg: DictConfig) -> dict:
                              reference=cfg.method.get("reference", "auto"),
                              scorers={name: scorers[name] for name in scorer_names})
     label_stats = getattr(dataset, "label_stats", None)
+    for name in set(scorers) - set(scorer_names):  # scorers that only labelled or built data: not kept for training
+        del scorers[name]
     apply_speed(backbone, to_plain(cfg.speed), cfg.trainer.get("accelerator"))
     if cfg.dataset.get("cache"):
         from alignment.data.cache import cached_pairs
@@ -272,7 +303,8 @@ def train(cfg: DictConfig) -> dict:
     # 3. Fit.
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log_label_stats(trainer, label_stats)
+    if ckpt_path is None:  # a resumed run logged them at its start
+        log_label_stats(trainer, label_stats)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     summary = {"run_dir": str(run_dir), "steps": trainer.global_step,
                "metrics": str(run_dir / "metrics.jsonl"),
