@@ -95,10 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0, help="training seed (LoRA init, noise)")
     parser.add_argument("--data-seed", type=int, default=0, help="pair sampling seed (other pairs)")
-    parser.add_argument("--only", nargs="*", default=None, choices=list(RUNS))
+    parser.add_argument("--only", nargs="*", default=None, help=f"a subset of {', '.join(RUNS)}")
     parser.add_argument("--images-per-prompt", type=int, default=8)
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. method.ref_update_every=50")
     args = parser.parse_args(argv)
+    if args.only:  # overrides typed after --only land in it: key=value is an override, anything else a run name
+        args.overrides += [o for o in args.only if "=" in o]
+        args.only = [o for o in args.only if "=" not in o]
+        unknown = [o for o in args.only if o not in RUNS]
+        if unknown:
+            parser.exit(2, f"error: --only: unknown run {unknown[0]!r} (runs: {', '.join(RUNS)})\n")
     from alignment.errors import AlignmentError
 
     try:
