@@ -10,8 +10,9 @@ The backbone is built from the same ``backbone`` config node that training uses.
 folder) or ``models.<name>`` entries (``{run, adapter, lora_scale}``) say what to put on it: ``run`` loads whatever
 the training run exported — LoRA, full UNet, conditioner (``alignment.runs``). A LoRA is read by diffusers' own
 ``StableDiffusionPipeline.load_lora_weights`` (the file a stock pipeline reads is exactly what is sampled here) and
-scaled by ``lora_scale``. Sampling is the project's ``sample_images``: image ``(prompt, seed)`` starts from the noise
-of ``torch.Generator().manual_seed(seed)``, so the same seed gives the same starting noise for every model compared.
+scaled by ``lora_scale``. Sampling is the project's ``sample_images`` with ``sampler`` (``ddim`` or ``dpmsolver``):
+image ``(prompt, seed)`` starts from the noise of ``torch.Generator().manual_seed(seed)``, so the same seed gives the
+same starting noise for every model compared.
 A conditioner reads its per-prompt extras (e.g. a ``value``) from the prompt file's fields of the same name.
 With ``prompt_filter.model`` set, a text classifier drops unsafe prompts first (``alignment.evaluation.prompt_filter``;
 the kept prompts are renumbered in order, ``out_dir/prompt_filter.json`` lists the dropped ones and maps the kept
@@ -127,7 +128,8 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
             pixels = sample_images(backbone, [r["prompt"] for _, r, _ in batch], [s for _, _, s in batch],
                                    num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                                    negative_prompt=settings["negative_prompt"], conditioner=conditioner,
-                                   extras=record_extras([r for _, r, _ in batch], extras_names))
+                                   extras=record_extras([r for _, r, _ in batch], extras_names),
+                                   sampler=settings["sampler"])
             for (i, record, seed), image in zip(batch, to_pil(pixels)):
                 name = image_name(i, seed)
                 save_png(image, out_dir / name)
@@ -160,6 +162,7 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
 def generate(cfg: DictConfig) -> dict:
     from alignment.config import instantiate_checked, number, positive_int
     from alignment.runs import check_same_base, parse_models, resolve_path
+    from alignment.sampling.sample import check_sampler
 
     # Every cheap check before the model is built.
     records = load_prompt_records(cfg.get("prompts"), cfg.get("prompt"))
@@ -173,7 +176,8 @@ def generate(cfg: DictConfig) -> dict:
         specs = parse_models(models_node)
     else:
         specs = {"default": resolve_path(cfg.get("adapter"), "default", "adapter", lora_scale)}
-    settings = {"steps": positive_int(cfg.get("num_inference_steps"), "num_inference_steps"),
+    settings = {"sampler": check_sampler(cfg.get("sampler", "ddim"), "sampler"),
+                "steps": positive_int(cfg.get("num_inference_steps"), "num_inference_steps"),
                 "guidance": number(cfg.get("guidance_scale"), "guidance_scale")}
     batch_size = positive_int(cfg.get("batch_size"), "batch_size")
     negative_prompt = cfg.get("negative_prompt")

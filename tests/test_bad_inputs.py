@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -78,7 +80,8 @@ def test_bad_values(tmp_path, data_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, expected", [
     (("method.bta=1",), "error: method.bta: not a key of the config"),   # checked before Hydra starts
-    (("method=nope",), "error: method: unknown method config 'nope' (available in conf/method/: dpo, sft)"),
+    (("method=nope",), "error: method: unknown method config 'nope' (available in conf/method/: "
+                       + ", ".join(sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("[!_]*.yaml"))) + ")"),
     (("method.beta=-5",), "error: method.beta must be > 0, got -5"),
     (("dataset.source=/no/such.parquet", "dataset.generate=null"), "error: dataset.source: /no/such.parquet"),
 ])

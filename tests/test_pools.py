@@ -180,7 +180,7 @@ def test_key_hashes_the_prompt_list_not_the_path(tmp_path, prompt_file):
     ({"pairing": "consecutive", "num_images": 5}, r"^builder\.num_images must be even with pairing=consecutive"),
     ({"rank_by": None}, r"^builder\.rank_by: ranked pairing needs the scorer"),
     ({"pairing": "best"}, r"^builder\.pairing must be one of ranked, consecutive, got 'best'$"),
-    ({"scheduler": "euler"}, r"^builder\.scheduler must be one of ddim, got 'euler'$"),
+    ({"sampler": "euler"}, r"^builder\.sampler must be one of ddim, dpmsolver, got 'euler'$"),
     ({"batch_size": 0}, r"^builder\.batch_size must be a positive integer, got 0$"),
 ])
 def test_bad_settings_are_one_line_errors(prompt_file, settings, message):

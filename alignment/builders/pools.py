@@ -49,7 +49,6 @@ from alignment.seeding import derive_seed
 
 POOLS_VERSION = 1  # bump when the way pools are sampled, scored or paired changes, so old files are not reused
 PAIRINGS: tuple[str, ...] = ("ranked", "consecutive")
-SCHEDULERS: tuple[str, ...] = ("ddim",)  # what alignment.sampling.sample.sample_images runs
 POOL_SCHEMA = pa.schema([
     pa.field("caption", pa.string()),
     pa.field("jpg_0", pa.binary()),                  # PNG bytes, despite the Pick-a-Pic column name
@@ -113,8 +112,9 @@ class PoolBuilder(Builder):
             (the worst image). Unused for ``consecutive``.
         max_prompts: Use only the first prompts of the file; ``None``: all.
         seed: Image ``j`` of prompt ``i`` uses seed ``derive_seed(seed, i, j)``, whatever the batch or chunk size.
-        num_inference_steps, guidance_scale, eta, negative_prompt, scheduler: The sampler's settings
-            (``alignment.sampling.sample.sample_images``; ``scheduler`` is ``"ddim"``).
+        num_inference_steps, guidance_scale, eta, negative_prompt, sampler: The sampler's settings
+            (``alignment.sampling.sample.sample_images``; ``sampler`` is ``"ddim"`` or ``"dpmsolver"``, HG-DPO's
+            DPMSolverMultistep; ``eta`` is DDIM's and must be 0 with ``dpmsolver``).
         batch_size: Images per sampling (and scoring) call within a chunk. A batch's composition can change the
             floats, so it is part of the key, like the runner's ``chunk_size`` (prompts per chunk, default 8).
         config_key: The config key of this builder, for error messages (``builder``, ``dataset.generate``).
@@ -129,8 +129,10 @@ class PoolBuilder(Builder):
     def __init__(self, prompts: str | os.PathLike | None = None, num_images: int = 20, pairing: str = "ranked",
                  rank_by: str | None = None, loser_rank: int | None = None, max_prompts: int | None = None,
                  seed: int = 0, num_inference_steps: int = 50, guidance_scale: float = 5.0, eta: float = 0.0,
-                 negative_prompt: str = "", scheduler: str = "ddim", batch_size: int = 32,
+                 negative_prompt: str = "", sampler: str = "ddim", batch_size: int = 32,
                  config_key: str = "builder"):
+        from alignment.sampling.sample import check_sampler
+
         key = config_key
         if prompts is None or str(prompts).strip() == "":  # first: the one key every config must set
             raise ConfigError(f"{key}.prompts: set the prompt file to sample pools for "
@@ -167,8 +169,9 @@ class PoolBuilder(Builder):
             raise ConfigError(f"{key}.eta must be in [0, 1], got {eta}")
         if not isinstance(negative_prompt, str):
             raise ConfigError(f"{key}.negative_prompt must be a string, got {negative_prompt!r}")
-        if scheduler not in SCHEDULERS:
-            raise ConfigError(f"{key}.scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        sampler = check_sampler(sampler, f"{key}.sampler")
+        if sampler != "ddim" and eta != 0.0:
+            raise ConfigError(f"{key}.eta: eta is DDIM's, it must be 0 with {key}.sampler={sampler}, got {eta}")
         batch_size = positive_int(batch_size, f"{key}.batch_size")
         if max_prompts is not None:
             max_prompts = positive_int(max_prompts, f"{key}.max_prompts")
@@ -178,7 +181,7 @@ class PoolBuilder(Builder):
         self.num_images, self.pairing, self.rank_by, self.loser_rank = num_images, pairing, rank_by, loser_rank
         self.max_prompts, self.seed = max_prompts, seed
         self.num_inference_steps, self.guidance_scale, self.eta = num_inference_steps, guidance_scale, eta
-        self.negative_prompt, self.scheduler, self.batch_size = negative_prompt, scheduler, batch_size
+        self.negative_prompt, self.sampler, self.batch_size = negative_prompt, sampler, batch_size
         self.config_key = config_key
         self.scorer_names = (rank_by,) if pairing == "ranked" else ()
         self.units_per_item = num_images  # the runner's progress bar: images, not prompts
@@ -192,7 +195,8 @@ class PoolBuilder(Builder):
                 "num_images": self.num_images, "pairing": self.pairing, "rank_by": self.rank_by,
                 "loser_rank": self.loser_rank, "seed": self.seed, "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "eta": self.eta, "negative_prompt": self.negative_prompt,
-                "scheduler": self.scheduler, "batch_size": self.batch_size}
+                # the field kept the sampler's old key name, so DDIM pools built before the rename are reused
+                "scheduler": self.sampler, "batch_size": self.batch_size}
 
     def select_scorers(self, scorers: Mapping | None) -> dict:
         if self.pairing != "ranked":
@@ -218,7 +222,8 @@ class PoolBuilder(Builder):
         for start in range(0, len(prompts), self.batch_size):
             images = sample_images(backbone, prompts[start:start + self.batch_size],
                                    seeds[start:start + self.batch_size], self.num_inference_steps,
-                                   self.guidance_scale, eta=self.eta, negative_prompt=self.negative_prompt)
+                                   self.guidance_scale, eta=self.eta, negative_prompt=self.negative_prompt,
+                                   sampler=self.sampler)
             pixels += [np.asarray(image) for image in to_pil(images)]
         return pixels
 

@@ -7,8 +7,9 @@ Layout (``image_dir``; point several evaluations at one folder to share their ge
 
 ``manifest.json`` records, per image file, its prompt text, its seed and the key of its *settings*: the backbone
 config node (resolved), the model's identity (SHA-256 of its LoRA file and ``lora_scale``, of an exported UNet and
-of a conditioner — ``alignment.runs.ModelSpec.identity``), the sampler, steps, guidance scale and negative prompt
-(``settings`` maps each key to these values, with the model's paths for reading). An image is
+of a conditioner — ``alignment.runs.ModelSpec.identity``), the sampler (``ddim`` or ``dpmsolver``: DDIM and
+DPMSolver images never share a key), steps, guidance scale and negative prompt (``settings`` maps each key to these
+values, with the model's paths for reading). An image is
 reused only when its file exists and its manifest entry matches the prompt, the seed and the current settings key;
 otherwise it is generated again. So a second evaluation that changes only scorers or metrics generates nothing, a
 changed adapter file (other hash) or ``lora_scale`` regenerates that model's images, and a changed prompt file
@@ -34,14 +35,15 @@ from alignment.runs import ModelSpec
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-SAMPLER = {"scheduler": "ddim", "eta": 0.0}  # what alignment.sampling.sample_images runs
 
 
 def generation_settings(plan: Plan, spec: ModelSpec, backbone_node: dict) -> dict:
     """Everything besides prompt and seed that defines a model's images (the cache key is a hash of it, minus
     the adapter's path)."""
+    from alignment.sampling.sample import sampler_identity
+
     identity = {k: v for k, v in spec.identity().items() if v is not None or k in ("adapter_sha256", "lora_scale")}
-    return {"backbone": backbone_node, **identity, "sampler": SAMPLER,
+    return {"backbone": backbone_node, **identity, "sampler": sampler_identity(plan.sampler),
             "num_inference_steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
             "negative_prompt": plan.negative_prompt}
 
@@ -147,7 +149,7 @@ def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone:
                 pixels = sample_images(backbone, [p for _, p, _ in batch], [s for _, _, s in batch],
                                        num_inference_steps=plan.num_inference_steps,
                                        guidance_scale=plan.guidance_scale, negative_prompt=plan.negative_prompt,
-                                       conditioner=conditioner, extras=extras)
+                                       conditioner=conditioner, extras=extras, sampler=plan.sampler)
                 for (i, _, seed), image in zip(batch, to_pil(pixels)):
                     save_png(image, cache.path(i, seed))
                 cache.record(batch)

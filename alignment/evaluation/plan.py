@@ -53,6 +53,7 @@ class Plan:
     report: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)    # per-prompt fields of the prompt file (read by conditioners)
     prompt_filter: dict | None = None             # the safety filter's summary (None: no filter)
+    sampler: str = "ddim"                         # ddim | dpmsolver (alignment.sampling.sample.make_sampler)
 
     @property
     def k(self) -> int:
@@ -284,6 +285,7 @@ def build_plan(cfg: DictConfig) -> Plan:
     """Every check of the evaluation config that needs no model (cheap ones first), then the prompt safety filter
     when one is configured (a text classifier; never the image model)."""
     from alignment.evaluation.prompt_filter import PromptSafetyFilter
+    from alignment.sampling.sample import check_sampler
 
     max_prompts = cfg.get("max_prompts")
     prompt_filter = PromptSafetyFilter.from_config(cfg.get("prompt_filter"))  # labels checked, no weights read yet
@@ -300,6 +302,7 @@ def build_plan(cfg: DictConfig) -> Plan:
         reference = next(iter(models))
     elif reference not in models:
         raise ConfigError(f"reference: unknown model {reference!r} (models: {', '.join(models)})")
+    sampler = check_sampler(cfg.get("sampler", "ddim"), "sampler")
     steps = positive_int(cfg.get("num_inference_steps"), "num_inference_steps")
     guidance = number(cfg.get("guidance_scale"), "guidance_scale")
     negative_prompt = cfg.get("negative_prompt")
@@ -343,7 +346,8 @@ def build_plan(cfg: DictConfig) -> Plan:
     extras = record_extras(records, dict.fromkeys(name for r in records for name in r if name != "prompt"))
     return Plan(
         prompts=prompts, prompt_source=source, extras=extras, seeds=seeds, models=models, reference=str(reference),
-        num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt, batch_size=batch_size,
+        sampler=sampler, num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt,
+        batch_size=batch_size,
         score_batch_size=score_batch_size, image_dir=Path(str(cfg.image_dir)).expanduser(),
         output_dir=Path(str(cfg.output_dir)).expanduser(), scorer_names=scorer_names,
         winrate=winrate, color_shift=color_shift, change=_change(_node(metrics, "change"), prompts, seeds),

@@ -1,14 +1,50 @@
 """Sampling with classifier-free guidance, one seed per image (shared by generate, validation grids, evaluation).
 
 Each image's initial latent comes from its own ``torch.Generator(seed)`` on the CPU, so the same seed gives the same
-starting noise for every model being compared, on any device.
+starting noise for every model being compared, on any device. The sampler is chosen by name (``SAMPLERS``:
+``ddim``, the default, or ``dpmsolver``, DPMSolverMultistep as HG-DPO samples) and built fresh for every call by
+``make_sampler`` (docs/sampling.md#the-sampler).
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch.utils.checkpoint import checkpoint
+
+from alignment.errors import ConfigError
+
+SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver")
+# DPMSolverMultistep as diffusers sets it up for Stable Diffusion (its defaults, fixed here whatever the backbone's
+# scheduler config holds): second-order multistep DPM-Solver++ on the data prediction.
+DPMSOLVER_OPTIONS = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+
+
+def check_sampler(name, key: str = "sampler") -> str:
+    """``name`` if it is a known sampler, else a one-line ConfigError naming ``key`` (no model needed)."""
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise ConfigError(f"{key} must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    return name
+
+
+def make_sampler(backbone, name: str = "ddim", key: str = "sampler"):
+    """A new scheduler ``name`` built ``from_config`` of the backbone's sampling scheduler (its β schedule and
+    prediction type). A new instance per sampling call: DPMSolverMultistep keeps the model outputs of earlier steps,
+    so a shared instance would carry state from one batch into the next."""
+    name = check_sampler(name, key)
+    if name == "ddim":
+        return DDIMScheduler.from_config(backbone.sample_scheduler.config)
+    return DPMSolverMultistepScheduler.from_config(backbone.sample_scheduler.config, **DPMSOLVER_OPTIONS)
+
+
+def sampler_identity(name: str, eta: float = 0.0) -> dict:
+    """What defines the sampler ``name`` in a cache key (evaluation images, sample pools). DDIM's is the key the
+    image cache has always used, so DDIM images cached before the sampler choice existed are still reused."""
+    if check_sampler(name) == "ddim":
+        return {"scheduler": "ddim", "eta": float(eta)}
+    return {"scheduler": "dpmsolver", **DPMSOLVER_OPTIONS}
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -51,6 +87,7 @@ def guided_step(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, con
                 guidance_scale: float, eta: float = 0.0, unet=None, checkpointing: bool = False):
     """One denoising step: the guided prediction, then ``scheduler.step``; returns the scheduler's output
     (``prev_sample``, and ``pred_original_sample`` for DDIM). Shared by ``sample_images`` and the gradient sampler.
+    ``eta`` is DDIM's; a scheduler without one (DPMSolverMultistep) takes ``eta=0`` only (else a ValueError).
 
     ``checkpointing=True`` wraps the UNet call (the whole CFG pair) in non-reentrant activation checkpointing when
     autograd is recording, so its activations are recomputed in the backward pass instead of kept (docs/sampling.md).
@@ -60,16 +97,28 @@ def guided_step(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, con
                           use_reentrant=False)
     else:
         pred = guided_prediction(backbone, scheduler, latents, t, cond, guidance_scale, unet)
-    return scheduler.step(pred, t, latents, eta=eta)
+    return scheduler.step(pred, t, latents, **step_options(scheduler, eta))
+
+
+def step_options(scheduler, eta: float) -> dict:
+    """``scheduler.step``'s keyword arguments for ``eta``: ``{"eta": eta}`` for DDIM, none for a scheduler without
+    eta (a ValueError if ``eta`` is not 0 there: it would be silently ignored)."""
+    if "eta" in inspect.signature(scheduler.step).parameters:
+        return {"eta": eta}
+    if eta:
+        raise ValueError(f"eta={eta}: eta is a DDIM setting, {type(scheduler).__name__} has none (use eta=0)")
+    return {}
 
 
 @torch.no_grad()
 def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 30,
                   guidance_scale: float = 7.5, eta: float = 0.0, negative_prompt: str = "",
-                  scheduler=None, unet=None, conditioner=None, extras: dict | None = None) -> torch.Tensor:
+                  scheduler=None, unet=None, conditioner=None, extras: dict | None = None,
+                  sampler: str = "ddim") -> torch.Tensor:
     """Generate one image per (prompt, seed); returns float pixels in [0, 1], shape (N, 3, H, W).
 
-    DDIM by default (a fresh copy of the backbone's sampling scheduler, so concurrent calls never share state).
+    ``sampler`` (``ddim`` or ``dpmsolver``) is built fresh for this call by ``make_sampler``, so calls never share
+    scheduler state; ``scheduler`` (an instance) replaces it. ``eta`` is DDIM's and must be 0 with DPMSolver.
     ``unet`` defaults to the policy UNet (e.g. pass the one ``backbone.reference_unet()`` yields). ``conditioner``
     (a method's ``alignment.conditioning.Conditioner``) turns the prompts and their ``extras`` (name -> one value
     per prompt) into the UNet conditioning; without one, the backbone's text encoder alone conditions.
@@ -78,8 +127,9 @@ def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    scheduler = scheduler or DDIMScheduler.from_config(backbone.sample_scheduler.config)
-    scheduler.set_timesteps(num_inference_steps, device=backbone.device)
+    scheduler = scheduler or make_sampler(backbone, sampler)
+    step_options(scheduler, eta)  # a bad eta fails before any UNet call
+    scheduler.set_timesteps(num_inference_steps, device=backbone.device)  # also resets a multistep solver's state
     cond = condition(backbone, list(prompts), extras, conditioner)
     uncond = negative_condition(backbone, len(prompts), negative_prompt, conditioner, extras) \
         if guidance_scale != 1.0 else None
