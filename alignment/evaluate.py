@@ -36,7 +36,7 @@ def config_summary(cfg: DictConfig, plan) -> dict:
     return {"prompts": plan.prompt_source, "num_prompts": len(plan.prompts), "images_per_prompt": plan.k,
             "seeds": plan.seeds, "reference": plan.reference,
             "models": {name: spec.describe() for name, spec in plan.models.items()},
-            "backbone": backbone, "num_inference_steps": plan.num_inference_steps,
+            "backbone": backbone, "sampler": plan.sampler, "num_inference_steps": plan.num_inference_steps,
             "guidance_scale": plan.guidance_scale, "negative_prompt": plan.negative_prompt,
             "scorers": plan.scorer_names, "image_dir": str(plan.image_dir),
             "prompt_filter": ({k: plan.prompt_filter[k] for k in ("model", "unsafe_labels", "threshold")}
