@@ -110,13 +110,10 @@ class Scorer(nn.Module):
         return torch.cat(out) if out else torch.zeros(0)
 
 
-def _looks_local(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~")) or value.endswith((".pth", ".pt", ".safetensors", ".bin"))
-
-
 def check_scorer_weights(node, key: str) -> None:
     """Before any model loads: a scorer's required weights are given and its local weight paths exist (one line
-    naming the scorer and the key). Hub ids are checked when they load."""
+    naming the scorer and the key). Only explicit local paths (absolute, ./, ../, ~) are checked here; a hub id or
+    an ``org/repo/file`` hub file is resolved when the scorer loads (``clip_scorers.resolve_file``)."""
     import os
     from pathlib import Path
 
@@ -134,13 +131,11 @@ def check_scorer_weights(node, key: str) -> None:
                               f"(set {key}.{name}=<path or hub id>)")
     for name in getattr(target, "weight_keys", ()):
         value = node.get(name)
-        if isinstance(value, (str, os.PathLike)) and _looks_local(str(value)):
-            path = Path(str(value)).expanduser()
-            parts = str(value).split("/")
-            hub_file = not str(value).startswith(("/", ".", "~")) and len(parts) >= 3
-            if not path.exists() and not hub_file:
-                raise ConfigError(f"{key}.{name}: {value} does not exist (weights of scorer "
-                                  f"{key.split('.')[-1]!r})")
+        if not isinstance(value, (str, os.PathLike)):
+            continue
+        value = str(value)
+        if value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}.{name}: {value} does not exist (weights of scorer {key.split('.')[-1]!r})")
 
 
 def build_scorers(node) -> dict[str, Scorer]:
