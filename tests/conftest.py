@@ -66,3 +66,34 @@ def random_lora_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("lora") / "lora"
     save_lora(backbone.unet, folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared 2-core
+    machine two spinning threads per process slowed small ops ~10× under load. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_lora_backbone(seed: int | None = 123, rank: int = 4):
+    """The tiny backbone with a LoRA; ``seed`` not None: the LoRA B weights drawn N(0, 0.05) from it, so the policy
+    differs from the reference (B starts at zero, where they are equal)."""
+    import torch
+
+    from alignment.backbones.tiny import build_tiny_backbone
+    from alignment.training.lora import add_lora
+
+    backbone = build_tiny_backbone(seed=0)
+    add_lora(backbone.unet, rank=rank, alpha=rank)
+    if seed is not None:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, param in backbone.unet.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+    return backbone

@@ -13,20 +13,13 @@ from alignment.objectives.base import PairBatch
 from alignment.objectives.dpo import DiffusionDPO, pair_inputs
 from alignment.objectives.hg_dpo import HGDPO, ddpm_posterior_mean, stat_loss
 from alignment.sampling.lan import lan_normalise, sample_with_lan
-from alignment.training.lora import add_lora
 from alignment.training.reference import make_reference
+from tests.conftest import tiny_lora_backbone
 
 
 def lora_backbone(perturb: bool):
-    backbone = build_tiny_backbone(seed=0)
-    add_lora(backbone.unet, rank=4, alpha=4)
+    backbone = tiny_lora_backbone(seed=321 if perturb else None)
     backbone.use_reference(make_reference("base", backbone.unet, "lora"))
-    if perturb:  # LoRA B starts at zero: the policy equals the reference until it is moved
-        torch.manual_seed(321)
-        with torch.no_grad():
-            for name, param in backbone.unet.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.05)
     return backbone
 
 

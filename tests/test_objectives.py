@@ -15,6 +15,7 @@ from alignment.objectives.base import PairBatch, draw_timesteps_and_noise, per_s
 from alignment.objectives.dpo import DiffusionDPO, dpo_loss
 from alignment.objectives.sft import SupervisedFineTuning
 from alignment.training.lora import add_lora
+from tests.conftest import tiny_lora_backbone
 
 
 def test_dpo_loss_hand_computed():
@@ -49,14 +50,7 @@ def test_noise_depends_only_on_seed_step_and_row():
 
 @pytest.fixture(scope="module")
 def lora_backbone():
-    backbone = build_tiny_backbone(seed=0)
-    add_lora(backbone.unet, rank=4, alpha=4)
-    torch.manual_seed(123)
-    with torch.no_grad():  # make the policy differ from the reference (LoRA B starts at zero)
-        for name, param in backbone.unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return backbone
+    return tiny_lora_backbone(seed=123)  # the policy differs from the reference (LoRA B starts at zero)
 
 
 def _pair_batch(backbone, step=7):

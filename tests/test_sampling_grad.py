@@ -20,14 +20,7 @@ PROMPTS = ["a red square", "a blue circle"]
 SEEDS = [0, 3]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this file: on a shared 2-core machine two spinning threads per process slowed these
-    small ops ~10× under load. Restored afterwards, so the rest of the session is unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
