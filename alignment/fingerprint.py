@@ -37,7 +37,9 @@ def hash_tensors(tensors: Iterator[tuple[str, torch.Tensor]], digest) -> None:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         flat = tensor.detach().reshape(-1)
         if flat.numel() > FINGERPRINT_SAMPLES:
+            # float32 linspace rounds n - 1 up to n for n > 2**24 (CLIP-L's token embedding): clamp the last index
             index = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).long()
+            index.clamp_(max=flat.numel() - 1)
             flat = flat[index]
         samples.append(flat.contiguous().view(torch.uint8))
     if samples:
