@@ -5,14 +5,21 @@
         backbone=sd15 backbone.pretrained_model_name_or_path=/models/sd15 out_dir=images/dpo
     python -m alignment.generate prompts=p.txt +models.base=null +models.livo.run=outputs/livo-sd15/<date>
     python -m alignment.generate -m lora_scale=0,0.5,1 ...   # Hydra sweep, one folder per job
+    python -m alignment.generate prompts=p.txt adapter=outputs/hg-dpo/<run> lan=true sampler=dpmsolver
 
 The backbone is built from the same ``backbone`` config node that training uses. ``adapter`` (a LoRA file or a run
-folder) or ``models.<name>`` entries (``{run, adapter, lora_scale}``) say what to put on it: ``run`` loads whatever
-the training run exported — LoRA, full UNet, conditioner (``alignment.runs``). A LoRA is read by diffusers' own
-``StableDiffusionPipeline.load_lora_weights`` (the file a stock pipeline reads is exactly what is sampled here) and
-scaled by ``lora_scale``. Sampling is the project's ``sample_images`` with ``sampler`` (``ddim`` or ``dpmsolver``):
-image ``(prompt, seed)`` starts from the noise of ``torch.Generator().manual_seed(seed)``, so the same seed gives the
-same starting noise for every model compared.
+folder) or ``models.<name>`` entries (``{run, adapter, lora_scale, lan}``) say what to put on it: ``run`` loads
+whatever the training run exported — LoRA, full UNet, conditioner (``alignment.runs``). A LoRA is read by diffusers'
+own ``StableDiffusionPipeline.load_lora_weights`` (the file a stock pipeline reads is exactly what is sampled here)
+and scaled by ``lora_scale``; null (the default) takes the scale the run recorded (``method.inference.lora_scale`` of
+its config.yaml: HG-DPO samples at 0.5), else 1.0, so an HG-DPO run is sampled as the paper does unless told
+otherwise. ``lan=true`` (HG-DPO's latent adaptive normalisation, ``alignment.sampling.lan``; null: the run's
+``method.inference.lan``, else off) samples every model together with the base model from the same noise and gives
+its latent the base latent's channel statistics after every step; on the base model itself that is plain sampling,
+recorded as ``lan: false``. Sampling is the project's ``sample_images`` (or ``sample_with_lan``) with ``sampler``
+(``ddim`` or ``dpmsolver``): image ``(prompt, seed)`` starts from the noise of ``torch.Generator().manual_seed(seed)``,
+so the same seed gives the same starting noise for every model compared. ``index.jsonl`` records the LoRA scale and
+the LAN switch actually used.
 A conditioner reads its per-prompt extras (e.g. a ``value``) from the prompt file's fields of the same name.
 With ``prompt_filter.model`` set, a text classifier drops unsafe prompts first (``alignment.evaluation.prompt_filter``;
 the kept prompts are renumbered in order, ``out_dir/prompt_filter.json`` lists the dropped ones and maps the kept
@@ -112,7 +119,7 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
 
     from alignment.data.prompts import record_extras
     from alignment.runs import model_loaded
-    from alignment.sampling.sample import image_grid, sample_images, to_pil
+    from alignment.sampling.sample import image_grid, to_pil
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INDEX_NAME).unlink(missing_ok=True)  # a run that dies part-way leaves no index describing it
@@ -120,16 +127,15 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
     grid_images, rows = [], []
     base = {"adapter": str(spec.adapter) if spec.adapter is not None else None,
             "lora_scale": spec.lora_scale if spec.adapter is not None else None,
-            "run": str(spec.run) if spec.run is not None else None, **settings}
-    with model_loaded(backbone, spec) as conditioner:
-        extras_names = tuple(getattr(conditioner, "extras", ()) or ())
+            "run": str(spec.run) if spec.run is not None else None, "lan": spec.lan, **settings}
+    with model_loaded(backbone, spec) as model:
+        extras_names = model.extras
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
-            pixels = sample_images(backbone, [r["prompt"] for _, r, _ in batch], [s for _, _, s in batch],
-                                   num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                                   negative_prompt=settings["negative_prompt"], conditioner=conditioner,
-                                   extras=record_extras([r for _, r, _ in batch], extras_names),
-                                   sampler=settings["sampler"])
+            pixels = model.sample([r["prompt"] for _, r, _ in batch], [s for _, _, s in batch],
+                                  record_extras([r for _, r, _ in batch], extras_names),
+                                  num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                                  negative_prompt=settings["negative_prompt"], sampler=settings["sampler"])
             for (i, record, seed), image in zip(batch, to_pil(pixels)):
                 name = image_name(i, seed)
                 save_png(image, out_dir / name)
@@ -160,22 +166,24 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
 
 
 def generate(cfg: DictConfig) -> dict:
-    from alignment.config import instantiate_checked, number, positive_int
+    from alignment.config import boolean, instantiate_checked, number, positive_int
     from alignment.runs import check_same_base, parse_models, resolve_path
     from alignment.sampling.sample import check_sampler
 
     # Every cheap check before the model is built.
     records = load_prompt_records(cfg.get("prompts"), cfg.get("prompt"))
     seeds = check_seeds(cfg.get("seeds"))
-    lora_scale = number(cfg.get("lora_scale"), "lora_scale")
+    # null: the run's recorded method.inference setting (HG-DPO: LoRA scale 0.5), else 1.0 / false
+    lora_scale = None if cfg.get("lora_scale") is None else number(cfg.get("lora_scale"), "lora_scale")
+    lan = None if cfg.get("lan") is None else boolean(cfg.get("lan"), "lan")
     models_node = cfg.get("models")
     if models_node:
         if cfg.get("adapter") not in (None, ""):
             raise ConfigError("adapter / models: give one model with adapter=<path> or several with "
                               "+models.<name>.run=<run folder>, not both")
-        specs = parse_models(models_node)
+        specs = parse_models(models_node, lan=lan)
     else:
-        specs = {"default": resolve_path(cfg.get("adapter"), "default", "adapter", lora_scale)}
+        specs = {"default": resolve_path(cfg.get("adapter"), "default", "adapter", lora_scale, lan)}
     settings = {"sampler": check_sampler(cfg.get("sampler", "ddim"), "sampler"),
                 "steps": positive_int(cfg.get("num_inference_steps"), "num_inference_steps"),
                 "guidance": number(cfg.get("guidance_scale"), "guidance_scale")}
@@ -207,7 +215,7 @@ def generate(cfg: DictConfig) -> dict:
         results[name] = generate_model(backbone, spec, records, seeds, folder, settings, bool(cfg.get("grid")),
                                        batch_size)
         note = f" with {spec.weights}" + (f" (LoRA scale {spec.lora_scale:g})" if spec.adapter else "") \
-            if not spec.is_base else ""
+            + (" with LAN against the base model" if spec.lan else "") if not spec.is_base else ""
         grid = results[name]["grid"]
         grid_note = ""
         if grid:

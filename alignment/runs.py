@@ -9,9 +9,14 @@ A run folder holds whatever its method trained, in standard formats:
     <run>/config.yaml                             the composed config (which base weights it was trained on)
 
 ``resolve_model`` turns a ``models.<name>`` entry of ``alignment.generate`` / ``alignment.evaluate`` (``{run, adapter,
-lora_scale}``, a path, or null for the base model) into a ``ModelSpec`` with every file resolved and hashed, before
-any model is built; ``model_loaded(backbone, spec)`` applies it to a backbone for the length of a ``with`` block
-and yields the conditioner (or None), leaving the backbone exactly as it was afterwards.
+lora_scale, lan}``, a path, or null for the base model) into a ``ModelSpec`` with every file resolved and hashed,
+before any model is built; ``model_loaded(backbone, spec)`` applies it to a backbone for the length of a ``with``
+block and yields a ``LoadedModel`` (its conditioner, the base model as LAN's target, and ``sample``), leaving the
+backbone exactly as it was afterwards.
+
+Inference settings a method recommends travel with its runs: ``method.inference`` of a run's ``config.yaml``
+(HG-DPO: ``{lora_scale: 0.5, lan: false}``) is the default ``lora_scale`` / ``lan`` of a model given by that run
+folder; an explicit value always wins, and a LoRA file alone (no run folder) records nothing (1.0 / false).
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from alignment.errors import AlignmentError, ConfigError
 from alignment.training.lora import LORA_WEIGHT_NAME
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a model's name is also its image folder's name
-MODEL_KEYS = ("run", "adapter", "lora_scale")
+MODEL_KEYS = ("run", "adapter", "lora_scale", "lan")
 ADAPTER_NAME = "lora"
 UNET_DIR, CONDITIONER_DIR, LORA_DIR = "unet", "conditioner", "lora"
 # Keys of the backbone node that identify the base weights (dtype or resolution may change between train and use).
 IDENTITY_KEYS = ("_target_", "pretrained_model_name_or_path", "revision", "variant", "seed")
+RUN_CONFIG = "config.yaml"
 
 
 def file_sha256(path: Path) -> str:
@@ -69,6 +75,7 @@ class ModelSpec:
     conditioner_sha256: str | None = None
     conditioner_extras: tuple[str, ...] = ()   # the per-prompt extras the conditioner reads
     key: str = "models"                  # the config key that named it (errors name it)
+    lan: bool = False                    # sample with latent adaptive normalisation against the base model
 
     @property
     def is_base(self) -> bool:
@@ -85,12 +92,16 @@ class ModelSpec:
                 "lora_scale": self.lora_scale if self.adapter else None,
                 "unet": str(self.unet) if self.unet else None, "unet_sha256": self.unet_sha256,
                 "conditioner": str(self.conditioner) if self.conditioner else None,
-                "conditioner_sha256": self.conditioner_sha256}
+                "conditioner_sha256": self.conditioner_sha256, "lan": self.lan}
 
     def identity(self) -> dict:
-        """What defines this model's outputs (hashes, not paths: a copied run gives the same images)."""
-        return {"adapter_sha256": self.adapter_sha256, "lora_scale": self.lora_scale if self.adapter else None,
-                "unet_sha256": self.unet_sha256, "conditioner_sha256": self.conditioner_sha256}
+        """What defines this model's outputs (hashes, not paths: a copied run gives the same images). ``lan`` is
+        present only when on, so the image-cache keys of models sampled without LAN are the ones they always had."""
+        identity = {"adapter_sha256": self.adapter_sha256, "lora_scale": self.lora_scale if self.adapter else None,
+                    "unet_sha256": self.unet_sha256, "conditioner_sha256": self.conditioner_sha256}
+        if self.lan:
+            identity["lan"] = True
+        return identity
 
 
 # ------------------------------------------------------------------------------------------------ resolving
@@ -119,14 +130,57 @@ def resolve_adapter(adapter, key: str = "adapter") -> Path | None:
     raise ConfigError(f"{key}: {path} lacks {LORA_WEIGHT_NAME} (looked in {path} and {path / LORA_DIR}){hint}")
 
 
-def resolve_run(run, name: str, key: str, lora_scale: float = 1.0) -> ModelSpec:
-    """Everything a run folder exported, hashed."""
+def recorded_inference(folder: Path | None, key: str) -> dict:
+    """The inference settings the training run in ``folder`` recorded: ``method.inference`` of its config.yaml (a
+    method's paper setting, e.g. HG-DPO samples at LoRA scale 0.5), as ``{"lora_scale": float, "lan": bool}`` with
+    only the keys it sets; empty for a folder that is no run folder or whose method records none."""
+    from alignment.config import boolean, number
+
+    config = folder / RUN_CONFIG if folder is not None else None
+    if config is None or not config.is_file():
+        return {}
+    try:
+        node = OmegaConf.select(OmegaConf.load(config), "method.inference")
+    except Exception as err:  # noqa: BLE001 - a broken config.yaml: its recorded settings cannot be known
+        raise ConfigError(f"{key}: cannot read method.inference from {config}: {first_line(err)}") from None
+    if node is None:
+        return {}
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{key}: {config} method.inference must be a mapping {{lora_scale, lan}}, got {node!r}")
+    recorded = {}
+    if node.get("lora_scale") is not None:
+        recorded["lora_scale"] = number(node.lora_scale, f"{key}: {config} method.inference.lora_scale")
+    if node.get("lan") is not None:
+        recorded["lan"] = boolean(node.lan, f"{key}: {config} method.inference.lan")
+    return recorded
+
+
+def run_folder_of(path) -> Path | None:
+    """The training run folder a model path names (a folder holding config.yaml), else None: a LoRA file or a
+    ``lora/`` folder alone carries no recorded inference settings."""
+    if not isinstance(path, str) or not path:
+        return None
+    folder = Path(path).expanduser()
+    return folder if folder.is_dir() and (folder / RUN_CONFIG).is_file() else None
+
+
+def settle_inference(spec: ModelSpec, lora_scale: float | None, lan: bool | None, folder: Path | None) -> ModelSpec:
+    """``spec``'s LoRA scale and LAN switch: the explicit value, else what the run in ``folder`` recorded, else
+    1.0 / false. LAN on the base model is sampling against itself, i.e. plain sampling: recorded as off."""
+    recorded = recorded_inference(folder, spec.key)
+    spec.lora_scale = lora_scale if lora_scale is not None else recorded.get("lora_scale", 1.0)
+    spec.lan = (lan if lan is not None else recorded.get("lan", False)) and not spec.is_base
+    return spec
+
+
+def resolve_run(run, name: str, key: str, lora_scale: float | None = None, lan: bool | None = None) -> ModelSpec:
+    """Everything a run folder exported, hashed; ``lora_scale`` / ``lan`` None: the run's recorded setting."""
     if not isinstance(run, str) or not run:
         raise ConfigError(f"{key}: must be the path of a training run folder, got {run!r}")
     folder = Path(run).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"{key}: {folder} is not a folder")
-    spec = ModelSpec(name=name, run=folder.absolute(), lora_scale=lora_scale, key=key)
+    spec = ModelSpec(name=name, run=folder.absolute(), key=key)
     if (folder / LORA_DIR / LORA_WEIGHT_NAME).is_file():
         spec.adapter = (folder / LORA_DIR / LORA_WEIGHT_NAME).absolute()
         spec.adapter_sha256 = file_sha256(spec.adapter)
@@ -143,42 +197,48 @@ def resolve_run(run, name: str, key: str, lora_scale: float = 1.0) -> ModelSpec:
         hint = " (it is still training, or it was stopped before the end)" if (folder / "checkpoints").is_dir() else ""
         raise ConfigError(f"{key}: {folder} holds none of lora/, unet/ or conditioner/ — what a run exports when "
                           f"training ends{hint}")
-    return spec
+    return settle_inference(spec, lora_scale, lan, folder)
 
 
-def resolve_path(path, name: str, key: str, lora_scale: float = 1.0) -> ModelSpec:
+def resolve_path(path, name: str, key: str, lora_scale: float | None = None, lan: bool | None = None) -> ModelSpec:
     """A model given by one path (``key`` names it in errors): null (the base model), a run folder that exported a
-    UNet or a conditioner (everything it exported), or a LoRA file / folder / run folder with ``lora/``."""
+    UNet or a conditioner (everything it exported), or a LoRA file / folder / run folder with ``lora/``.
+    ``lora_scale`` / ``lan`` None: what a run folder recorded (``recorded_inference``), else 1.0 / false."""
     if isinstance(path, str) and path and is_run_folder(path):
-        return resolve_run(path, name, key, lora_scale)
+        return resolve_run(path, name, key, lora_scale, lan)
     weights = resolve_adapter(path, key)
-    return ModelSpec(name=name, adapter=weights, lora_scale=lora_scale, key=key,
+    spec = ModelSpec(name=name, adapter=weights, key=key,
                      adapter_sha256=file_sha256(weights) if weights is not None else None)
+    return settle_inference(spec, lora_scale, lan, run_folder_of(path))
 
 
-def resolve_model(entry, name: str, key: str) -> ModelSpec:
+def resolve_model(entry, name: str, key: str, lan: bool | None = None) -> ModelSpec:
     """A ``models.<name>`` entry: null (the base model), a path (see ``resolve_path``), or a mapping
-    ``{run, adapter, lora_scale}`` (``run`` loads everything the run exported; ``adapter`` only a LoRA)."""
-    from alignment.config import number
+    ``{run, adapter, lora_scale, lan}`` (``run`` loads everything the run exported; ``adapter`` only a LoRA).
+    ``lan``: the default of an entry that does not set its own (None: the run's recorded setting, else off)."""
+    from alignment.config import boolean, number
 
     if entry is None or isinstance(entry, str):
-        return resolve_path(entry, name, key)
+        return resolve_path(entry, name, key, lan=lan)
     if isinstance(entry, DictConfig):
         entry = OmegaConf.to_container(entry, resolve=True)
     elif not isinstance(entry, dict):
-        raise ConfigError(f"{key} must be a mapping {{run, adapter, lora_scale}} or a path, got {entry!r}")
+        raise ConfigError(f"{key} must be a mapping {{run, adapter, lora_scale, lan}} or a path, got {entry!r}")
     unknown = sorted(set(entry) - set(MODEL_KEYS))
     if unknown:
         raise ConfigError(f"{key}.{unknown[0]}: unknown key (accepted: {', '.join(MODEL_KEYS)})")
-    scale = entry.get("lora_scale", 1.0)
-    scale = 1.0 if scale is None else number(scale, f"{key}.lora_scale")
+    scale = entry.get("lora_scale")
+    scale = None if scale is None else number(scale, f"{key}.lora_scale")
+    if entry.get("lan") is not None:
+        lan = boolean(entry["lan"], f"{key}.lan")
     if entry.get("run") not in (None, ""):
         if entry.get("adapter") not in (None, ""):
             raise ConfigError(f"{key}: set run (everything a run exported) or adapter (a LoRA file), not both")
-        return resolve_run(entry["run"], name, f"{key}.run", scale)
+        return resolve_run(entry["run"], name, f"{key}.run", scale, lan)
     weights = resolve_adapter(entry.get("adapter"), f"{key}.adapter")
-    return ModelSpec(name=name, adapter=weights, lora_scale=scale, key=f"{key}.adapter",
+    spec = ModelSpec(name=name, adapter=weights, key=f"{key}.adapter",
                      adapter_sha256=file_sha256(weights) if weights is not None else None)
+    return settle_inference(spec, scale, lan, run_folder_of(entry.get("adapter")))
 
 
 def is_run_folder(path: str) -> bool:
@@ -188,10 +248,11 @@ def is_run_folder(path: str) -> bool:
         (folder / UNET_DIR).is_dir() or (folder / CONDITIONER_DIR).is_dir())
 
 
-def parse_models(node, key: str = "models") -> dict[str, ModelSpec]:
-    """The ``models`` mapping: name -> entry (see ``resolve_model``); at least one model."""
+def parse_models(node, key: str = "models", lan: bool | None = None) -> dict[str, ModelSpec]:
+    """The ``models`` mapping: name -> entry (see ``resolve_model``); at least one model. ``lan``: the top-level
+    default for entries that do not set their own."""
     if not isinstance(node, DictConfig) or len(node) == 0:
-        raise ConfigError(f"{key} must map at least one model name to {{run, adapter, lora_scale}}, got "
+        raise ConfigError(f"{key} must map at least one model name to {{run, adapter, lora_scale, lan}}, got "
                           f"{OmegaConf.to_container(node) if isinstance(node, DictConfig) else node!r}")
     models: dict[str, ModelSpec] = {}
     for name in node:
@@ -199,7 +260,7 @@ def parse_models(node, key: str = "models") -> dict[str, ModelSpec]:
         if not MODEL_NAME.match(name):
             raise ConfigError(f"{key}.{name}: a model name may hold only letters, digits, '_', '.' and '-' "
                               f"(it names the image folder)")
-        models[name] = resolve_model(node[name], name, f"{key}.{name}")
+        models[name] = resolve_model(node[name], name, f"{key}.{name}", lan)
     return models
 
 
@@ -347,10 +408,58 @@ def load_unet(backbone, folder: Path, key: str):
     return unet.to(backbone.device).requires_grad_(False).eval()
 
 
+class LoadedModel:
+    """A model applied to the backbone, for the length of ``model_loaded``'s block: its conditioner, the base model
+    (LAN's target) and ``sample``, the one sampling path generate and evaluate share."""
+
+    def __init__(self, backbone, spec: ModelSpec, conditioner=None, base_unet=None, pipe=None):
+        self.backbone = backbone
+        self.spec = spec
+        self.conditioner = conditioner
+        self.base_unet = backbone.unet if base_unet is None else base_unet  # the backbone's own UNet
+        self.pipe = pipe  # the pipeline that loaded the LoRA (it switches every LoRA layer off and on), if any
+
+    @property
+    def lan(self) -> bool:
+        return self.spec.lan
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """The per-prompt extras the conditioner reads (none without one)."""
+        return tuple(getattr(self.conditioner, "extras", ()) or ())
+
+    @contextmanager
+    def target(self) -> Iterator[object]:
+        """The base model for the block, as LAN's target: yields the backbone's own UNet (the one a full UNet
+        replaced) with every LoRA layer off (UNet and text encoder); the model is itself again afterwards, even if
+        the block raises. Toggled rather than copied: a copy of the UNet would double its memory."""
+        if self.pipe is None:
+            yield self.base_unet
+            return
+        self.pipe.disable_lora()
+        try:
+            yield self.base_unet
+        finally:
+            self.pipe.enable_lora()
+
+    def sample(self, prompts: list[str], seeds: list[int], extras: dict | None = None, *, num_inference_steps: int,
+               guidance_scale: float, negative_prompt: str, sampler: str):
+        """Pixels in [0, 1] of one image per (prompt, seed): ``sample_images``, or with ``spec.lan``
+        ``sample_with_lan`` against ``target`` (the base model conditioned by the text alone)."""
+        from alignment.sampling import sample as sampling
+        from alignment.sampling.lan import sample_with_lan
+
+        options = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                       negative_prompt=negative_prompt, conditioner=self.conditioner, extras=extras, sampler=sampler)
+        if not self.lan:
+            return sampling.sample_images(self.backbone, list(prompts), list(seeds), **options)
+        return sample_with_lan(self.backbone, list(prompts), list(seeds), target_unet=self.target, **options)
+
+
 @contextmanager
-def model_loaded(backbone, spec: ModelSpec) -> Iterator[object]:
+def model_loaded(backbone, spec: ModelSpec) -> Iterator[LoadedModel]:
     """Apply ``spec`` to ``backbone`` (UNet swapped in, LoRA loaded at ``lora_scale``, conditioner built) for the
-    block; yields the conditioner or None. Afterwards the backbone is the base model again."""
+    block; yields a ``LoadedModel``. Afterwards the backbone is the base model again."""
     from alignment.conditioning import load_conditioner
 
     original_unet, pipe = backbone.unet, None
@@ -364,7 +473,7 @@ def model_loaded(backbone, spec: ModelSpec) -> Iterator[object]:
         conditioner = None
         if spec.conditioner is not None:
             conditioner = load_conditioner(spec.conditioner, backbone, spec.key)
-        yield conditioner
+        yield LoadedModel(backbone, spec, conditioner, base_unet=original_unet, pipe=pipe)
     finally:
         if pipe is not None:
             pipe.unload_lora_weights()  # exactly the base weights again: the LoRA is never merged

@@ -7,12 +7,14 @@ Layout (``image_dir``; point several evaluations at one folder to share their ge
 
 ``manifest.json`` records, per image file, its prompt text, its seed and the key of its *settings*: the backbone
 config node (resolved), the model's identity (SHA-256 of its LoRA file and ``lora_scale``, of an exported UNet and
-of a conditioner — ``alignment.runs.ModelSpec.identity``), the sampler (``ddim`` or ``dpmsolver``: DDIM and
-DPMSolver images never share a key), steps, guidance scale and negative prompt (``settings`` maps each key to these
-values, with the model's paths for reading). An image is
-reused only when its file exists and its manifest entry matches the prompt, the seed and the current settings key;
-otherwise it is generated again. So a second evaluation that changes only scorers or metrics generates nothing, a
-changed adapter file (other hash) or ``lora_scale`` regenerates that model's images, and a changed prompt file
+of a conditioner, and ``lan: true`` for a model sampled with HG-DPO's latent adaptive normalisation —
+``alignment.runs.ModelSpec.identity``; ``lan`` is absent when off, so the keys of images cached before LAN existed
+are unchanged), the sampler (``ddim`` or ``dpmsolver``: DDIM and DPMSolver images never share a key), steps,
+guidance scale and negative prompt (``settings`` maps each key to these values, with the model's paths for reading).
+An image is reused only when its file exists and its manifest entry matches the prompt, the seed and the current
+settings key; otherwise it is generated again. So a second evaluation that changes only scorers or metrics generates nothing, a
+changed adapter file (other hash), ``lora_scale`` or ``lan`` regenerates that model's images (``lora_scale`` is the
+scale used: a run's recorded ``method.inference.lora_scale`` when none is given), and a changed prompt file
 regenerates the prompts whose text changed at their index. The adapter's path is not part of the key: a moved or
 copied LoRA file with the same bytes reuses the images.
 
@@ -119,14 +121,15 @@ def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone:
     """Generate every missing image of every model; the backbone is built only when something is missing.
 
     Each model is applied to the backbone with ``alignment.runs.model_loaded`` (its LoRA at ``lora_scale`` through
-    diffusers' ``load_lora_weights``, an exported UNet, a conditioner), its images sampled with ``sample_images``
-    (image ``(prompt, seed)`` starts from the noise of ``torch.Generator().manual_seed(seed)``, the same for every
-    model), then the backbone is the base model again. Returns ``{model: {"generated": n, "reused": m}}``.
+    diffusers' ``load_lora_weights``, an exported UNet, a conditioner), its images sampled with ``sample_images``, or
+    ``sample_with_lan`` against the base model when its ``lan`` is on (``LoadedModel.sample``; image
+    ``(prompt, seed)`` starts from the noise of ``torch.Generator().manual_seed(seed)``, the same for every model),
+    then the backbone is the base model again. Returns ``{model: {"generated": n, "reused": m}}``.
     """
     import torch
 
     from alignment.runs import check_same_base, model_loaded
-    from alignment.sampling.sample import sample_images, to_pil
+    from alignment.sampling.sample import to_pil
 
     jobs = plan.jobs()
     todo = {name: cache.missing(jobs) for name, cache in caches.items()}
@@ -142,14 +145,14 @@ def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone:
         if not spec.is_base:
             check_same_base(spec, backbone_cfg)
         cache.folder.mkdir(parents=True, exist_ok=True)
-        with model_loaded(backbone, spec) as conditioner:
+        with model_loaded(backbone, spec) as model:
             for start in range(0, len(missing), plan.batch_size):
                 batch = missing[start:start + plan.batch_size]
                 extras = {name: [values[i] for i, _, _ in batch] for name, values in cache.extras.items()}
-                pixels = sample_images(backbone, [p for _, p, _ in batch], [s for _, _, s in batch],
-                                       num_inference_steps=plan.num_inference_steps,
-                                       guidance_scale=plan.guidance_scale, negative_prompt=plan.negative_prompt,
-                                       conditioner=conditioner, extras=extras, sampler=plan.sampler)
+                pixels = model.sample([p for _, p, _ in batch], [s for _, _, s in batch], extras,
+                                      num_inference_steps=plan.num_inference_steps,
+                                      guidance_scale=plan.guidance_scale, negative_prompt=plan.negative_prompt,
+                                      sampler=plan.sampler)
                 for (i, _, seed), image in zip(batch, to_pil(pixels)):
                     save_png(image, cache.path(i, seed))
                 cache.record(batch)

@@ -296,7 +296,8 @@ def build_plan(cfg: DictConfig) -> Plan:
     k = positive_int(cfg.get("images_per_prompt"), "images_per_prompt")
     seed = integer(cfg.get("seed"), "seed")
     seeds = [seed + j for j in range(k)]
-    models = parse_models(cfg.get("models"))
+    lan = cfg.get("lan")  # every model's default (null: a run's recorded method.inference.lan, else off)
+    models = parse_models(cfg.get("models"), lan=None if lan is None else boolean(lan, "lan"))
     reference = cfg.get("reference")
     if reference is None:
         reference = next(iter(models))

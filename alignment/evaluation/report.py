@@ -222,6 +222,7 @@ def render_report(plan: Plan, evaluation: Evaluation, folders: dict[str, Path], 
         parts += [f"LoRA scale {spec.lora_scale:g}"] if spec.adapter and spec.run else []
         parts += ["full UNet"] if spec.unet else []
         parts += ["conditioner"] if spec.conditioner else []
+        parts += ["LAN against the base model"] if spec.lan else []
         settings.append((f"model {name}", ", ".join(parts) if parts else "none (base)"))
     if plan.prompt_filter:
         from alignment.evaluation.prompt_filter import describe_summary

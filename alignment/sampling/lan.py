@@ -5,7 +5,8 @@ target latent's per-channel statistics, so the aligned model keeps its content b
     ĥ = (h − μ(h)) / σ(h) · σ(h_target) + μ(h_target)          per sample, per channel, over H and W
 
 σ is the population standard deviation (``correction=0``), so ``ĥ`` has exactly the target's means and deviations.
-Inference only.
+Inference only: ``lan=true`` in ``alignment.generate`` / ``alignment.evaluate`` samples a model this way against the
+base model (``alignment.runs.LoadedModel``).
 """
 
 from __future__ import annotations
@@ -26,30 +27,50 @@ def lan_normalise(latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_with_lan(backbone, prompts: list[str], seeds: list[int], target_unet, num_inference_steps: int = 30,
-                    guidance_scale: float = 7.5, negative_prompt: str = "", unet=None, make_scheduler=None
-                    ) -> torch.Tensor:
-    """Images of the aligned model (``unet``, default the policy) with LAN against ``target_unet`` (e.g. the base
-    model: the UNet ``backbone.reference_unet()`` yields with adapters disabled), both from the same start noise;
-    returns float pixels in [0, 1]. Each trajectory has its own scheduler (multistep solvers keep state);
-    ``make_scheduler()`` builds one (default: DDIM from the backbone's sampling scheduler)."""
-    from diffusers import DDIMScheduler
+                    guidance_scale: float = 7.5, negative_prompt: str = "", unet=None, conditioner=None,
+                    extras: dict | None = None, sampler: str = "ddim") -> torch.Tensor:
+    """Images of the aligned model (``unet``, default the policy; ``conditioner`` with its ``extras``, as in
+    ``sample_images``) with LAN against the target model, both from the same start noise; returns float pixels in
+    [0, 1].
+
+    ``target_unet`` is the target's UNet module (None: the policy itself), or a zero-argument callable returning a
+    context manager that yields it — entered around every target call and for its text conditioning, so a target
+    that exists only while the policy's adapters are off (``alignment.runs.LoadedModel.target``, or
+    ``backbone.reference_unet``) leaves the policy itself for the policy's calls. The target is conditioned by the
+    text encoder alone (the base model has no conditioner). Each trajectory has its own ``sampler`` instance
+    (``make_sampler``): multistep solvers keep state.
+    """
+    from contextlib import nullcontext
 
     from alignment.conditioning import condition, negative_condition
-    from alignment.sampling.sample import guidance_conditioning, guided_step, seed_latents
+    from alignment.sampling.sample import guidance_conditioning, guided_step, make_sampler, seed_latents
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    make_scheduler = make_scheduler or (lambda: DDIMScheduler.from_config(backbone.sample_scheduler.config))
-    policy_scheduler, target_scheduler = make_scheduler(), make_scheduler()
+    if target_unet is None or isinstance(target_unet, torch.nn.Module):
+        fixed = target_unet
+        target_context = lambda: nullcontext(fixed)  # noqa: E731
+    else:
+        target_context = target_unet
+    policy_scheduler, target_scheduler = make_sampler(backbone, sampler), make_sampler(backbone, sampler)
     for scheduler in (policy_scheduler, target_scheduler):
         scheduler.set_timesteps(num_inference_steps, device=backbone.device)
-    cond = condition(backbone, list(prompts), None, None)
-    uncond = negative_condition(backbone, len(prompts), negative_prompt, None, None) if guidance_scale != 1.0 else None
-    cond = guidance_conditioning(cond, uncond, guidance_scale)
+
+    def conditioning(conditioner, extras):
+        cond = condition(backbone, list(prompts), extras, conditioner)
+        uncond = negative_condition(backbone, len(prompts), negative_prompt, conditioner, extras) \
+            if guidance_scale != 1.0 else None
+        return guidance_conditioning(cond, uncond, guidance_scale)
+
+    policy_cond = conditioning(conditioner, extras)
+    with target_context():
+        target_cond = conditioning(None, None)
     start = seed_latents(backbone, seeds) * policy_scheduler.init_noise_sigma
     policy, target = start.clone(), start.clone()
     for t in policy_scheduler.timesteps:
-        target = guided_step(backbone, target_scheduler, target, t, cond, guidance_scale, unet=target_unet).prev_sample
-        policy = guided_step(backbone, policy_scheduler, policy, t, cond, guidance_scale, unet=unet).prev_sample
+        with target_context() as target_module:
+            target = guided_step(backbone, target_scheduler, target, t, target_cond, guidance_scale,
+                                 unet=target_module).prev_sample
+        policy = guided_step(backbone, policy_scheduler, policy, t, policy_cond, guidance_scale, unet=unet).prev_sample
         policy = lan_normalise(policy, target)
     return backbone.decode_latents(policy)

@@ -22,7 +22,11 @@ TOP_LEVEL = {"seed": int, "resume": Any, "output_dir": str, "speed": dict, "chec
              "paths": dict, **{group: Any for group in GROUPS}}
 METHOD = {"name": str, "objective": dict, "finetune": Literal["lora", "full", "none"],
           "reference": Literal["auto", "base", "frozen_copy", "snapshot"], "gradient_checkpointing": bool,
-          "lora": Any, "optimizer": dict, "lr_scheduler": dict}
+          "lora": Any, "optimizer": dict, "lr_scheduler": dict, "inference": dict}
+# method.inference: how the trained model is meant to be sampled (e.g. HG-DPO's LoRA scale 0.5). Training does not
+# use it; the run's config.yaml records it and alignment.runs reads it back as the default lora_scale / lan of
+# generate and evaluate (an explicit value wins).
+INFERENCE = {"lora_scale": float | None, "lan": bool | None}
 OPTIMIZER = {"name": Literal["adamw", "adamw8bit"], "lr": float, "weight_decay": float, "betas": list[float],
              "eps": float, "scale_lr": bool}
 LR_SCHEDULER = {"name": str, "warmup_steps": int, "num_cycles": float, "power": float}
@@ -81,6 +85,7 @@ def check_run_config(cfg: DictConfig) -> None:
         from alignment.training.lora import add_lora
 
         check_signature_keys(method.get("lora"), add_lora, "method.lora")
+    check_schema(method.get("inference"), INFERENCE, "method.inference")
     optimizer = method.get("optimizer")
     check_schema(optimizer, OPTIMIZER, "method.optimizer")
     if optimizer is not None:
