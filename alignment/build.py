@@ -113,7 +113,7 @@ def build_dataset(cfg: DictConfig):
     import torch
 
     from alignment.builders.base import Builder
-    from alignment.builders.runner import build, shard_from_env
+    from alignment.builders.runner import build, check_scorer_config, shard_from_env
     from alignment.config import check_keys, instantiate_checked, resolve_device
     from alignment.scorers.base import build_scorers
 
@@ -133,6 +133,9 @@ def build_dataset(cfg: DictConfig):
         if entry is None or "_target_" not in entry:
             raise ConfigError(f"scorers.{name}: needs a _target_ (see conf/scorers/)")
         check_keys(entry, f"scorers.{name}")
+    # the scorers the builder reads are configured and can score the backbone's resolution (one line, no model yet)
+    check_scorer_config(builder, cfg.get("scorers"),
+                        cfg.backbone.get("resolution") if builder.needs_backbone else None)
 
     # Model construction may draw random numbers (random-init weights); the builder's own draws use its seed.
     random.seed(cfg.seed)

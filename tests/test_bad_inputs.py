@@ -118,3 +118,36 @@ def test_empty_table_is_reported(tmp_path):
                              "label_0": pa.array([], pa.float64()), "caption": pa.array([], pa.string())}), path)
     message = train_error(tmp_path, f"dataset.source={path}", "dataset.generate=null")
     assert message.startswith(f"dataset.source: {path}")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (("backbone.resolution=48", "scorers=toy_colour", "dataset.generate.rank_by=toy_colour"),
+     "scorers.toy_colour: scorer 'toy_colour' scores the toy world's 32 px images (or whole multiples of 32 px, "
+     "area-pooled), not the backbone's 48 px samples"),
+    (("scorers=toy_colour", "dataset.generate.rank_by=pickscore"),
+     "scorers: dataset.generate.rank_by is 'pickscore', which is not a configured scorer (add it: "
+     "scorers=[pickscore]; configured: toy_colour)"),
+])
+def test_pool_scorer_errors_come_before_any_model_loads(tmp_path, overrides, expected, monkeypatch):
+    import alignment.config
+    from alignment.builders.pools import PoolBuilder
+
+    instantiate = alignment.config.instantiate_checked
+
+    def no_backbone(node, key, *args, **kwargs):
+        assert key != "backbone", "the backbone was built before the scorer checks"
+        return instantiate(node, key, *args, **kwargs)
+
+    monkeypatch.setattr(alignment.config, "instantiate_checked", no_backbone)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue circle\n")
+    original = PoolBuilder.build_chunk
+    PoolBuilder.build_chunk = lambda *args: pytest.fail("sampled before the scorer checks")
+    try:
+        message = train_error(tmp_path, "dataset=pools", f"dataset.generate.prompts={prompts}",
+                              "dataset.generate.num_images=2", f"paths.data_dir={tmp_path / 'data'}", *overrides)
+    finally:
+        PoolBuilder.build_chunk = original
+    assert message.startswith(expected)
+    assert not list((tmp_path / "data").glob("pools/*pools-*"))   # no pool file, no chunk

@@ -231,3 +231,88 @@ def test_cli_builds_the_file_and_names_bad_keys(tmp_path, prompt_file):
     assert len(list(tmp_path.glob("pools-*.parquet"))) == 1
     bad = run_cli("alignment.build", *args, "builder.loser_rank=4")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: builder.loser_rank must be")
+
+
+# ------------------------------------------------------------------------------------------- resolution and keys
+def test_scorers_say_which_resolutions_they_can_score():
+    from alignment.scorers.base import Scorer
+    from alignment.scorers.clip_scorers import PickScore
+
+    for resolution in (32, 48, 512, [704, 1024]):
+        assert Scorer.check_resolution(resolution, "scorers.any") is None       # default: any size
+        assert PickScore.check_resolution(resolution, "scorers.pickscore") is None   # resizes to 224 itself
+    for resolution in (32, 64, 512, [32, 64]):
+        assert ToyColour.check_resolution(resolution, "scorers.toy_colour") is None  # k·32 pools onto the grid
+    for resolution, size in ((48, "48"), (16, "16"), ([32, 48], "32x48")):
+        with pytest.raises(ConfigError, match=rf"^scorers\.c: scorer 'toy_colour' scores the toy world's 32 px "
+                                              rf"images .*, not the backbone's {size} px samples$"):
+            ToyColour.check_resolution(resolution, "scorers.c")
+
+
+def test_a_scorer_that_cannot_score_the_backbone_resolution_fails_before_sampling(tmp_path, prompt_file, scorers):
+    from alignment.backbones.tiny import build_tiny_backbone
+    from alignment.builders.runner import output_path
+
+    builder = PoolBuilder(prompt_file, rank_by="toy_colour", **FAST)
+
+    def no_sampling(*args):
+        raise AssertionError("sampled before the resolution check")
+
+    builder.build_chunk = no_sampling
+    backbone = build_tiny_backbone(resolution=48)
+    message = (r"^scorers\.toy_colour: scorer 'toy_colour' scores the toy world's 32 px images \(or whole multiples "
+               r"of 32 px, area-pooled\), not the backbone's 48 px samples$")
+    with pytest.raises(ConfigError, match=message):
+        build(builder, tmp_path, backbone, scorers, shard=(0, 1), progress=False)
+    with pytest.raises(ConfigError, match=message):
+        build_table(builder, backbone, scorers)
+    assert not list(tmp_path.iterdir())                                    # nothing sampled, nothing written
+    assert output_path(builder, tmp_path, build_tiny_backbone(resolution=64), scorers).name.startswith("pools-")
+    consecutive = PoolBuilder(prompt_file, pairing="consecutive", **FAST)   # no scorer: any resolution
+    assert output_path(consecutive, tmp_path, backbone, scorers).name.startswith("pools-")
+
+
+def test_cli_checks_rank_by_and_resolution_before_any_model_loads(tmp_path, prompt_file):
+    # the sd15 backbone cannot load offline: an error about it would mean the check came too late
+    cases = (
+        (("hg_dpo", "scorers=toy_colour"),
+         "error: scorers: builder.rank_by is 'pickscore', which is not a configured scorer (add it: "
+         "scorers=[pickscore]; configured: toy_colour)"),
+        (("pools", "backbone=sd15", "backbone.resolution=48", "scorers=toy_colour", "builder.rank_by=toy_colour"),
+         "error: scorers.toy_colour: scorer 'toy_colour' scores the toy world's 32 px images (or whole multiples of "
+         "32 px, area-pooled), not the backbone's 48 px samples"),
+    )
+    for args, message in cases:
+        proc = run_cli("alignment.build", *args, f"builder.prompts={prompt_file}", f"out={tmp_path}",
+                       f"hydra.run.dir={tmp_path / 'run'}")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines == [message], proc.stderr[-2000:]
+    assert not list(tmp_path.glob("*pools-*"))
+
+
+class ToyShapeAsColour(ToyColour):
+    """Another scorer class under the same config name."""
+
+
+def test_another_prompt_list_or_backbone_builds_another_file(tmp_path, toy_backbone, scorers):
+    from alignment.builders.runner import output_path
+    from alignment.toy.backbone import build_toy_backbone
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue circle\na purple square\n")
+    settings = {"rank_by": "toy_colour", "num_images": 2, "num_inference_steps": 2}
+    out = tmp_path / "pools"
+    first = build(PoolBuilder(prompts, **settings), out, toy_backbone, scorers, shard=(0, 1), progress=False)
+    again = build(PoolBuilder(prompts, **settings), out, toy_backbone, scorers, shard=(0, 1), progress=False)
+    assert again.path == first.path and again.chunks_built == 0             # the same list: reused
+    prompts.write_text("a blue circle\na green triangle\n")                 # same path, another list
+    edited = build(PoolBuilder(prompts, **settings), out, toy_backbone, scorers, shard=(0, 1), progress=False)
+    assert edited.path != first.path and edited.chunks_built == 1 and first.path.exists()
+    assert pq.read_table(edited.path).column("caption").to_pylist() == ["a blue circle", "a green triangle"]
+    # other backbone weights (the same architecture, untrained): another key, another file
+    untrained = build_toy_backbone(random_init=True)
+    assert output_path(PoolBuilder(prompts, **settings), out, untrained, scorers) != edited.path
+    # and another ranking scorer's weights or class: another file too
+    assert output_path(PoolBuilder(prompts, **settings), out, toy_backbone,
+                       {"toy_colour": ToyShapeAsColour()}) != edited.path
+

@@ -198,14 +198,20 @@ class PoolBuilder(Builder):
                 # the field kept the sampler's old key name, so DDIM pools built before the rename are reused
                 "scheduler": self.sampler, "batch_size": self.batch_size}
 
+    def check_scorer_names(self, configured) -> None:
+        """``rank_by`` (ranked pairing) names one of the ``configured`` scorer names: from the config alone, so an
+        entry point checks it before any model loads (``alignment.builders.runner.check_scorer_config``)."""
+        if self.pairing != "ranked" or self.rank_by in configured:
+            return
+        names = ", ".join(sorted(str(n) for n in configured)) or "none"
+        raise ConfigError(f"scorers: {self.config_key}.rank_by is {self.rank_by!r}, which is not a configured "
+                          f"scorer (add it: scorers=[{self.rank_by}]; configured: {names})")
+
     def select_scorers(self, scorers: Mapping | None) -> dict:
         if self.pairing != "ranked":
             return {}
         scorers = dict(scorers or {})
-        if self.rank_by not in scorers:
-            configured = ", ".join(sorted(scorers)) or "none"
-            raise ConfigError(f"scorers: {self.config_key}.rank_by is {self.rank_by!r}, which is not a configured "
-                              f"scorer (add it: scorers=[{self.rank_by}]; configured: {configured})")
+        self.check_scorer_names(scorers)
         return {self.rank_by: scorers[self.rank_by]}
 
     def image_seeds(self, prompt_index: int) -> list[int]:

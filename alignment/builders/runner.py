@@ -131,6 +131,50 @@ def _check_backbone(builder: Builder, backbone) -> None:
         raise ConfigError(f"backbone: builder {builder.name!r} samples images and needs a backbone")
 
 
+def check_scorer_config(builder: Builder, scorer_nodes: Mapping | None, resolution=None) -> None:
+    """From the config alone, before any model loads (``python -m alignment.build``): the scorers the builder will
+    read from the scorers mapping are configured — its own ``check_scorer_names(configured)`` if it has one (the pool
+    builder names ``<key>.rank_by``), else every one of its ``scorer_names`` — and, given the backbone's
+    ``resolution``, each of them can score images of that size (``Scorer.check_resolution``, asked of the class
+    that ``_target_`` names; a target that does not import is left to the key checks)."""
+    from hydra.utils import get_class
+
+    nodes = scorer_nodes or {}
+    configured = [str(name) for name in nodes]
+    check = getattr(builder, "check_scorer_names", None)
+    if check is not None:
+        check(configured)
+    else:
+        missing = [name for name in builder.scorer_names if name not in configured]
+        if missing:
+            raise ConfigError(f"scorers: builder {builder.name!r} needs scorer {missing[0]!r} "
+                              f"(add it: scorers=[{','.join(builder.scorer_names)}])")
+    if resolution is None:
+        return
+    for name in builder.scorer_names:
+        node = nodes.get(name) if name in configured else None
+        if node is None or "_target_" not in node:
+            continue
+        try:
+            target = get_class(str(node["_target_"]))
+        except Exception:  # noqa: BLE001 - check_keys names a bad _target_
+            continue
+        check_resolution = getattr(target, "check_resolution", None)
+        if callable(check_resolution):
+            check_resolution(resolution, f"scorers.{name}")
+
+
+def _check_resolution(builder: Builder, backbone, selected: Mapping) -> None:
+    """Before any image is sampled: every scorer the builder uses can score the backbone's samples."""
+    resolution = getattr(backbone, "resolution", None) if builder.needs_backbone else None
+    if resolution is None:
+        return
+    for name, scorer in selected.items():
+        check = getattr(scorer, "check_resolution", None)
+        if callable(check):
+            check(resolution, f"scorers.{name}")
+
+
 def _chunk_size(builder: Builder, chunk_size) -> int:
     from alignment.config import positive_int
 
@@ -168,6 +212,7 @@ def plan_build(builder: Builder, out: str | os.PathLike, backbone=None, scorers:
     size = _chunk_size(builder, chunk_size)
     count = _num_items(builder)
     selected = builder.select_scorers(scorers)
+    _check_resolution(builder, backbone, selected)
     settings = builder.key_fields()
     _check_json(settings, builder.name)
     fields = {
@@ -419,6 +464,7 @@ def build_table(builder: Builder, backbone=None, scorers: Mapping | None = None,
     size = _chunk_size(builder, chunk_size)
     count = _num_items(builder)
     selected = builder.select_scorers(scorers)
+    _check_resolution(builder, backbone, selected)
     plan = BuildPlan(builder, builder.name, "", {}, Path("."), count, size, _chunk_ranges(builder, size, count),
                      selected)
     tables = [_checked_chunk(plan, c, builder.build_chunk(plan.items(c), backbone, selected))

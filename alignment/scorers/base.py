@@ -95,6 +95,16 @@ class Scorer(nn.Module):
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    @classmethod
+    def check_resolution(cls, resolution, key: str) -> None:
+        """Whether this scorer can score square images of side ``resolution`` px (a backbone's samples): nothing,
+        or a one-line ConfigError naming ``key`` (the scorer's config key), the scorer and both sizes.
+
+        A class method, so that builders ask it from the config alone, before any model loads (the scorers here
+        take no setting that changes what they accept). Default: every size (the CLIP-based scorers resize to their
+        224 px input themselves). A scorer with a fixed input grid overrides it (the toy-world scorers)."""
+        return None
+
     @torch.no_grad()
     def score(self, images, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """Batched scores without gradient; accepts a tensor in [0,1] or a list of PIL images. Returns (B,) float32

@@ -175,6 +175,19 @@ class ToyScorer(Scorer):
     def dtype(self) -> torch.dtype:
         return torch.float32
 
+    @classmethod
+    def check_resolution(cls, resolution, key: str) -> None:
+        """The toy scorers read the toy world's 32 px grid: their thresholds (foreground distance, roughness, a
+        figure's head and body rows) were measured there. A side of k·32 px area-pools onto that grid exactly
+        (k×k blocks, as the world's own 4× supersampled render averages); any other side resamples across the
+        grid's pixel borders, so it is refused (one line naming the scorer and both sizes)."""
+        sides = list(resolution) if isinstance(resolution, (list, tuple)) else [resolution]
+        for side in sides:
+            if isinstance(side, bool) or not isinstance(side, int) or side < W.SIZE or side % W.SIZE:
+                size = "x".join(str(s) for s in sides)
+                raise ConfigError(f"{key}: scorer {cls.name!r} scores the toy world's {W.SIZE} px images (or whole "
+                                  f"multiples of {W.SIZE} px, area-pooled), not the backbone's {size} px samples")
+
     def analyse(self, images):
         x = prepare(images).to(self.refs.device)
         bg = background(x)

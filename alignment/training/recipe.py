@@ -265,6 +265,11 @@ def train(cfg: DictConfig) -> dict:
     kwargs = trainer_kwargs(cfg)
     check_keys(cfg.backbone, "backbone")
     builder = make_builder(cfg)
+    if builder is not None:  # the scorers it reads are configured and fit the backbone's resolution (no model yet)
+        from alignment.builders.runner import check_scorer_config
+
+        check_scorer_config(builder, cfg.get("scorers"),
+                            cfg.backbone.get("resolution") if builder.needs_backbone else None)
     builder_scorers = [n for n in (getattr(builder, "scorer_names", ()) or ()) if n in configured]
     names = list(dict.fromkeys(scorer_names + builder_scorers + label_scorers))
     for name in names:  # a builder may bring its own (the toy judge); it names what it lacks itself
