@@ -38,9 +38,11 @@ bench: install   # CPU benchmarks: framework overhead, latent-cache speed-up, DP
 	$(PY) experiments/bench_dpo.py flops
 	$(PY) experiments/bench_grad_sampler.py   # gradient sampler: memory of a DRaFT step vs sampling steps, K
 	$(PY) experiments/bench_dpo.py reference  # snapshot reference vs adapters disabled: peak memory
+	$(PY) experiments/bench_pools.py cpu --threads 1   # pool builder vs stock StableDiffusionPipeline: images/s
 
 bench-gpu: install   # on a GPU machine: pairs/s and MFU of LoRA-DPO for SD 1.5 @512 and SDXL @1024, per switch
 	$(PY) experiments/bench_dpo.py gpu
+	$(PY) experiments/bench_pools.py gpu   # pool builder vs stock pipeline, SD 1.5 arch @512, batch 8, 50 steps
 
 clean:
 	rm -rf outputs multirun data/generated .pytest_cache
