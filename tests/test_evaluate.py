@@ -220,6 +220,22 @@ def test_color_change_fid_bias_toxicity_match_direct_computation(evaluated, file
     for model in ("dpo", "half"):
         images = read(evaluated["images"] / model)
         assert metrics["color_shift"]["shift_percent"][model] == pytest.approx(color_shift(images, base), rel=1e-9)
+        signed = metrics["color_shift"]["signed_percent"][model]
+        for c, value in color_shift(images, base).items():
+            assert abs(signed[c]["value"]) == pytest.approx(value, rel=1e-9)
+            assert signed[c]["low"] <= signed[c]["value"] <= signed[c]["high"]
+        # the interval resamples prompts, the same ones for both models: by hand, from per-prompt HSV means
+        from alignment.metrics.color import rgb_to_hsv
+
+        prompts, k = len(PROMPTS), images.shape[0] // len(PROMPTS)
+        per_prompt = {name: rgb_to_hsv(x).double().mean(dim=(2, 3)).view(prompts, k, 3).mean(1).numpy()
+                      for name, x in (("own", images), ("ref", base))}
+        wr = metrics["win_rate"]
+        index = np.random.default_rng(wr["seed"]).integers(0, prompts, size=(wr["num_bootstrap"], prompts))
+        ref = per_prompt["ref"][index].mean(1)
+        draws = 100 * (per_prompt["own"][index].mean(1) - ref) / ref
+        tail = 100 * (1 - wr["confidence"]) / 2
+        assert [signed[c]["low"] for c in "HSV"] == pytest.approx(list(np.percentile(draws, tail, axis=0)), rel=1e-9)
         mask = torch.stack([torch.from_numpy(np.asarray(Image.open(files["masks"] / name).convert("L").resize(
             (32, 32), Image.BILINEAR), np.float32) / 255.0)
             for name in ("00000.png", "00000.png", "00001_seed3.png", "00001.png")])

@@ -164,7 +164,7 @@ def _score_batch(name: str, scorer, images, prompts, plan: Plan, batch_size: int
 def model_pass(plan: Plan, model: str, folders: dict[str, Path], scorers: dict, metric_models: dict) -> dict:
     """Everything that needs the pixels of one model (and, for change metrics, the reference's)."""
     from alignment.metrics.change import change_metrics
-    from alignment.metrics.color import hsv_means
+    from alignment.metrics.color import hsv_means, rgb_to_hsv
 
     from alignment.files import image_name
 
@@ -173,7 +173,7 @@ def model_pass(plan: Plan, model: str, folders: dict[str, Path], scorers: dict, 
     is_reference = model == plan.reference
     out: dict = {"scores": defaultdict(list), "probs": defaultdict(list),
                  "hsv_sum": torch.zeros(3, dtype=torch.float64),
-                 "pixels": 0, "change": defaultdict(list), "is_logits": [], "fid_features": []}
+                 "pixels": 0, "hsv_per_image": [], "change": defaultdict(list), "is_logits": [], "fid_features": []}
     lpips = metric_models["lpips"]
     change_device = next(lpips.parameters()).device if lpips is not None else torch.device("cpu")
     for start in range(0, len(jobs), bs):
@@ -192,6 +192,7 @@ def model_pass(plan: Plan, model: str, folders: dict[str, Path], scorers: dict, 
             n = images.shape[0] * images.shape[2] * images.shape[3]
             out["hsv_sum"] += hsv_means(images) * n
             out["pixels"] += n
+            out["hsv_per_image"].append(rgb_to_hsv(images).double().mean(dim=(2, 3)).cpu())  # for the interval
         fid_extractor, is_classifier = metric_models["fid_extractor"], metric_models.get("is_classifier")
         if is_classifier is not None:  # one Inception pass gives the IS logits and, same file, the FID features
             feats, logits = _inception_outputs(is_classifier, images)
@@ -220,6 +221,7 @@ def model_pass(plan: Plan, model: str, folders: dict[str, Path], scorers: dict, 
         result["probs"] = {group: torch.cat(parts).view(p, k, -1) for group, parts in out["probs"].items()}
     if plan.color_shift:
         result["hsv_means"] = out["hsv_sum"] / out["pixels"]
+        result["hsv_per_prompt"] = torch.cat(out["hsv_per_image"]).view(p, k, 3).mean(dim=1)
     if out["change"]:
         result["change_per_image"] = {key: torch.cat(parts) for key, parts in out["change"].items()}
     if out["fid_features"]:
@@ -238,6 +240,29 @@ def finite(value: float) -> float | None:
 
 def _nanmean(t: torch.Tensor) -> float:
     return float(torch.nanmean(t.double())) if t.numel() else math.nan
+
+
+def signed_color_shift(own: torch.Tensor, reference: torch.Tensor, num_bootstrap: int, confidence: float,
+                       seed: int) -> dict:
+    """The signed colour shift ``100 · (m_model − m_ref) / m_ref`` per HSV channel with a percentile bootstrap interval
+    over prompts (both models resampled with the same prompts: a paired comparison; docs/evaluation.md#colour-shift).
+    ``own`` / ``reference``: (prompts, 3) per-prompt HSV means (every image of a model has the same size, so the mean
+    of the prompts' means is the pixel mean). An interval that excludes 0 is a shift beyond the prompts' noise."""
+    import numpy as np
+
+    own, reference = own.numpy(), reference.numpy()
+    value = 100.0 * (own.mean(0) - reference.mean(0)) / reference.mean(0)
+    out = {c: {"value": finite(value[i]), "low": None, "high": None} for i, c in enumerate("HSV")}
+    if num_bootstrap <= 0 or len(own) < 2:
+        return out
+    index = np.random.default_rng(seed).integers(0, len(own), size=(num_bootstrap, len(own)))
+    ref_means = reference[index].mean(axis=1)
+    samples = 100.0 * (own[index].mean(axis=1) - ref_means) / ref_means
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(samples, [tail, 100.0 - tail], axis=0)
+    for i, c in enumerate("HSV"):
+        out[c]["low"], out[c]["high"] = finite(low[i]), finite(high[i])
+    return out
 
 
 def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_models: dict) -> Evaluation:
@@ -283,6 +308,9 @@ def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_
                         for i, c in enumerate("HSV")}
         metrics["color_shift"] = {
             "reference": plan.reference, "shift_percent": shift,
+            "signed_percent": {m: signed_color_shift(passes[m]["hsv_per_prompt"],
+                                                     passes[plan.reference]["hsv_per_prompt"], wr["num_bootstrap"],
+                                                     wr["confidence"], wr["seed"]) for m in plan.others},
             "hsv_means": {m: {c: float(r["hsv_means"][i]) for i, c in enumerate("HSV")} for m, r in passes.items()}}
     if plan.change["enabled"]:
         metrics["change"] = {
