@@ -168,3 +168,46 @@ def test_builder_alias_without_prompts_is_one_line_before_any_model(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: builder.prompts: set the prompt file to sample pools for")
     assert not list(tmp_path.glob("pools-*"))
+
+
+# ------------------------------------------------------------------------------------------------ toy world
+def test_toy_caption_files_are_the_fixed_split():
+    """alignment/toy/captions/*.txt (what toy configs point at with ${package_file:...}) are exactly the train /
+    held-out split of alignment.toy.pairs; train_x2 lists the training captions twice (two pools per caption)."""
+    from alignment import PACKAGE_DIR
+    from alignment.toy.pairs import split_captions
+
+    train, heldout = split_captions()
+    folder = PACKAGE_DIR / "toy" / "captions"
+    assert (folder / "train.txt").read_text().splitlines() == train
+    assert (folder / "heldout.txt").read_text().splitlines() == heldout
+    assert (folder / "train_x2.txt").read_text().splitlines() == train + train
+    assert not set(train) & set(heldout)
+
+
+def test_toy_hg_dpo_composes_from_any_folder_and_passes_the_checks_that_build_nothing(tmp_path, monkeypatch):
+    from alignment import PACKAGE_DIR
+    from alignment.builders.pools import PoolBuilder
+    from alignment.objectives.compose import build_objective
+    from alignment.objectives.hg_dpo import HGDPO
+    from alignment.training.recipe import make_builder
+    from alignment.training.schema import check_run_config
+
+    monkeypatch.chdir(tmp_path)   # the prompt file is found through the package, not the working directory
+    cfg = compose_run("toy_hg_dpo")
+    check_run_config(cfg)
+    assert isinstance(build_objective(cfg.method, cfg.get("terms")), HGDPO)
+    builder = make_builder(cfg)
+    assert isinstance(builder, PoolBuilder) and builder.num_items() == 112
+    assert cfg.dataset.generate.prompts == str(PACKAGE_DIR / "toy" / "captions" / "train_x2.txt")
+    assert (builder.rank_by, builder.num_images, builder.sampler) == ("toy_preference", 20, "dpmsolver")
+    assert cfg.method.inference.lora_scale == 1.0
+
+
+def test_package_file_names_a_missing_file_in_one_line():
+    from alignment import package_file
+    from alignment.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^package_file: 'toy/captions/nope\.txt' is not a file of the alignment "
+                                          r"package \(.*\)$"):
+        package_file("toy/captions/nope.txt")
