@@ -137,7 +137,7 @@ def check_scorer_config(builder: Builder, scorer_nodes: Mapping | None, resoluti
     builder names ``<key>.rank_by``), else every one of its ``scorer_names`` — and, given the backbone's
     ``resolution``, each of them can score images of that size (``Scorer.check_resolution``, asked of the class
     that ``_target_`` names; a target that does not import is left to the key checks)."""
-    from hydra.utils import get_class
+    from alignment.scorers.base import scorer_class
 
     nodes = scorer_nodes or {}
     configured = [str(name) for name in nodes]
@@ -152,13 +152,7 @@ def check_scorer_config(builder: Builder, scorer_nodes: Mapping | None, resoluti
     if resolution is None:
         return
     for name in builder.scorer_names:
-        node = nodes.get(name) if name in configured else None
-        if node is None or "_target_" not in node:
-            continue
-        try:
-            target = get_class(str(node["_target_"]))
-        except Exception:  # noqa: BLE001 - check_keys names a bad _target_
-            continue
+        target = scorer_class(nodes.get(name)) if name in configured else None
         check_resolution = getattr(target, "check_resolution", None)
         if callable(check_resolution):
             check_resolution(resolution, f"scorers.{name}")

@@ -158,6 +158,12 @@ class Objective(nn.Module):
             return list(available)
         return list(self.scorer_names)
 
+    def check_scorer_classes(self, classes: dict[str, type], resolution: int | None) -> None:
+        """Before any model loads (docs/contract.md#frozen-helpers): ``classes`` maps each configured scorer
+        this objective asked for (``wanted_scorers``) to the class its ``_target_`` names; an objective refuses one
+        that cannot serve it (e.g. a reward that is not differentiable) with a one-line ConfigError. ``resolution``:
+        the backbone's. Default: nothing to check."""
+
     # --------------------------------------------------------------------------------------- frozen helpers
     def setup(self, backbone, scorers: dict | None = None) -> None:
         """Called once after the backbone is built, before training; ``scorers`` holds the frozen scorers asked

@@ -171,3 +171,18 @@ def build_scorers(node) -> dict[str, Scorer]:
         scorer.name = name
         scorers[name] = scorer.freeze()
     return scorers
+
+
+def scorer_class(node) -> type | None:
+    """The class a scorer config entry builds (its ``_target_``), imported but not built, or None when there is no
+    ``_target_`` or it does not import (the key checks name a bad ``_target_`` themselves). For the checks that run
+    before any model loads (``Scorer.check_resolution``, an objective's ``check_scorer_classes``)."""
+    from hydra.utils import get_class
+
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if not target:
+        return None
+    try:
+        return get_class(str(target))
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported by check_keys
+        return None

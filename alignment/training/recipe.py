@@ -240,7 +240,7 @@ def train(cfg: DictConfig) -> dict:
     from alignment.data.component import check_objective_fits, dataset_class
     from alignment.training.reference import check_reference
     from alignment.objectives.compose import build_objective
-    from alignment.scorers.base import build_scorers, check_scorer_weights
+    from alignment.scorers.base import build_scorers, check_scorer_weights, scorer_class
     from alignment.training.checkpointing import resolve_resume
     from alignment.training.datamodule import AlignmentDataModule
     from alignment.training.module import AlignmentModule
@@ -259,6 +259,9 @@ def train(cfg: DictConfig) -> dict:
     if cfg.dataset.get("cache") and dataset_class(cfg.dataset).kind != "pairs":
         raise ConfigError("dataset.cache: the latent cache stores image pairs; prompt-only data has none")
     scorer_names = wanted_scorers(objective, cfg)
+    # the objective vets the classes of the scorers it asked for (e.g. a reward must be differentiable)
+    objective.check_scorer_classes({name: scorer_class(cfg.scorers[name]) for name in scorer_names},
+                                   cfg.backbone.get("resolution"))
     labeller = objective.pair_labeller()
     configured = [str(name) for name in (cfg.get("scorers") or {})]
     label_scorers = labeller.resolve(configured) if labeller is not None else []
