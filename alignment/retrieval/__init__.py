@@ -1,0 +1,1 @@
+"""Value retrieval for LiVO (docs/methods.md#value-retriever)."""

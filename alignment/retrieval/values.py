@@ -1,0 +1,239 @@
+"""LiVO's value retriever ``p(v | x)``: which value, if any, applies to a prompt (docs/methods.md#value-retriever).
+
+1. Keywords — case-insensitive substrings, checked in the order nudity, bloody, horror (the authors' word lists).
+2. Otherwise a person classifier decides whether the prompt depicts a person; if so, gender or racial equality,
+   else no value. Classifiers (``classifier``):
+
+   - ``lexicon`` (default, offline): a list of person words (whole words, plural ``s`` allowed); gender or race by a
+     coin seeded by the retriever's seed and the prompt **[choice]**;
+   - ``zero_shot``: a local transformers zero-shot-classification model folder (never remote code);
+   - ``chat``: an OpenAI-compatible chat endpoint by URL (``.../v1`` or ``.../v1/chat/completions``), asked the
+     authors' question; the request is built and the answer parsed here (urllib, a timeout). A timeout, an HTTP
+     error or an answer that names no option falls back to the lexicon with a logged warning
+     (``on_error: lexicon``) or is a one-line error (``on_error: error``).
+
+At inference (``image_value``) a bias value is used with probability ``bias_probability`` (0.5) per image, drawn
+from the retriever's seed, the prompt and the image's seed; toxicity values always; no value means the base model's
+conditioning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import socket
+import urllib.error
+import urllib.request
+from typing import Sequence
+
+from alignment.errors import ConfigError, DataError
+from alignment.objectives.livo import BIAS_VALUES, TOXICITY_VALUES
+from alignment.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+GENDER, RACE = BIAS_VALUES
+NUDITY, BLOODY, HORROR = TOXICITY_VALUES
+# SPEC §4: the authors' keyword lists, checked in this order
+KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (NUDITY, ("nudity", "naked", "nude", "lewd", "erotic", "sexy", "pussy", "no clothes", "nsfw", "fuck", "fucked",
+              "sex", "no panties", "orgasm", "porn", "making love", "boobs")),
+    (BLOODY, ("bloody", "blood", "bloodied")),
+    (HORROR, ("zombie", "dead")),
+)
+# Words that make a prompt depict a person (lexicon classifier); whole words, an optional plural "s"/"es".
+PERSON_WORDS: tuple[str, ...] = (
+    "person", "people", "man", "men", "woman", "women", "boy", "girl", "child", "children", "kid", "baby", "babies",
+    "guy", "lady", "ladies", "gentleman", "gentlemen", "human", "humans", "adult", "teenager", "teen", "toddler",
+    "face", "portrait", "selfie", "mother", "father", "mom", "dad", "parent", "son", "daughter", "brother", "sister",
+    "grandmother", "grandfather", "wife", "husband", "bride", "groom", "friend", "student", "worker", "doctor",
+    "nurse", "teacher", "professor", "scientist", "engineer", "lawyer", "judge", "police", "policeman",
+    "policewoman", "officer", "soldier", "firefighter", "chef", "cook", "waiter", "waitress", "farmer", "pilot",
+    "driver", "athlete", "player", "dancer", "singer", "musician", "artist", "painter", "writer", "actor",
+    "actress", "model", "ceo", "manager", "businessman", "businesswoman", "secretary", "cashier", "janitor",
+    "housekeeper", "mechanic", "carpenter", "plumber", "electrician", "programmer", "developer", "accountant",
+    "pharmacist", "dentist", "surgeon", "astronaut", "king", "queen", "prince", "princess", "president",
+    "politician", "priest", "monk", "nun", "hiker", "surfer", "skier", "runner", "cyclist", "tourist", "customer",
+    "patient", "baker", "butcher", "fisherman", "hairdresser", "librarian", "photographer", "journalist",
+    "reporter", "receptionist", "clerk", "guard", "sailor", "captain", "chief", "boss", "employee", "citizen",
+)
+CLASSIFIERS: tuple[str, ...] = ("lexicon", "zero_shot", "chat")
+ON_ERROR: tuple[str, ...] = ("lexicon", "error")
+CHAT_QUESTION = (
+    "You decide which value applies to a text-to-image prompt. If the prompt depicts a person (or people), answer "
+    "'gender equality' or 'racial equality' — the one more relevant to the prompt, chosen at random when neither "
+    "fits better. If it depicts no person, answer 'none'. Answer with exactly one of: gender equality, racial "
+    "equality, none.")
+
+
+def keyword_value(prompt: str) -> str | None:
+    """The toxicity value whose keyword occurs in ``prompt`` (case-insensitive substring), first list first."""
+    text = prompt.lower()
+    for value, words in KEYWORDS:
+        if any(word in text for word in words):
+            return value
+    return None
+
+
+def seeded_coin(seed: int, *parts: object) -> float:
+    """A uniform number in [0, 1) fixed by ``seed`` and ``parts`` (same in every process and session)."""
+    return random.Random(derive_seed(seed, *parts)).random()
+
+
+class LexiconClassifier:
+    """A person if a person word occurs as a whole word; then gender or race by a seeded coin."""
+
+    def __init__(self, words: Sequence[str] = PERSON_WORDS, seed: int = 0):
+        self.seed = int(seed)
+        alternatives = "|".join(sorted((re.escape(w.lower()) for w in words), key=len, reverse=True))
+        self.pattern = re.compile(rf"\b(?:{alternatives})(?:e?s)?\b")
+
+    def depicts_person(self, prompt: str) -> bool:
+        return self.pattern.search(prompt.lower()) is not None
+
+    def bias_value(self, prompt: str) -> str:
+        return GENDER if seeded_coin(self.seed, "lexicon", prompt) < 0.5 else RACE
+
+    def __call__(self, prompt: str) -> str | None:
+        return self.bias_value(prompt) if self.depicts_person(prompt) else None
+
+
+class ZeroShotClassifier:
+    """A local transformers zero-shot-classification model (an NLI model folder): a person when the hypothesis
+    "This prompt depicts a person." scores at least ``threshold``; then gender or race by the seeded coin."""
+
+    LABELS = ("a person", "no person")
+
+    def __init__(self, model: str, threshold: float = 0.5, device: str = "cpu", seed: int = 0,
+                 key: str = "retriever.zero_shot"):
+        if not isinstance(model, str) or not os.path.isdir(os.path.expanduser(model)):
+            raise ConfigError(f"{key}.model: {model!r} is not a local model folder")
+        from transformers import pipeline
+
+        self.threshold = float(threshold)
+        self.coin = LexiconClassifier(seed=seed)
+        try:
+            self.pipe = pipeline("zero-shot-classification", model=os.path.expanduser(model), device=device,
+                                 trust_remote_code=False, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - a folder that is no usable model
+            raise ConfigError(f"{key}.model: cannot load {model}: {str(err).splitlines()[0][:200]}") from None
+
+    def __call__(self, prompt: str) -> str | None:
+        out = self.pipe(prompt, candidate_labels=list(self.LABELS), hypothesis_template="This prompt depicts {}.")
+        score = dict(zip(out["labels"], out["scores"]))[self.LABELS[0]]
+        return self.coin.bias_value(prompt) if score >= self.threshold else None
+
+
+class ChatError(DataError):
+    """The chat endpoint did not give a usable answer."""
+
+
+def parse_chat_answer(text: str) -> str | None:
+    """``gender equality`` / ``racial equality`` / None (``none``) from the model's answer; anything else (no
+    option, or several) raises ``ChatError``."""
+    words = re.sub(r"[^a-z ]+", " ", text.lower()).split()
+    found = {GENDER for w in words if w == "gender"} | {RACE for w in words if w in ("racial", "race")}
+    if "none" in words or ("no" in words and not found):
+        found.add(None)
+    if len(found) != 1:
+        raise ChatError(f"chat answer names {'no option' if not found else 'several options'}: {text[:80]!r}")
+    return found.pop()
+
+
+class ChatClassifier:
+    """An OpenAI-compatible chat completions endpoint (see the module docstring)."""
+
+    def __init__(self, url: str, model: str = "gpt-4o-mini", timeout: float = 10.0, on_error: str = "lexicon",
+                 api_key_env: str | None = None, seed: int = 0, key: str = "retriever.chat"):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.url must be an http(s) URL, got {url!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"{key}.timeout must be > 0 seconds, got {timeout!r}")
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"{key}.on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+        self.model, self.timeout, self.on_error, self.key = model, float(timeout), on_error, key
+        self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        self.fallback = LexiconClassifier(seed=seed)
+
+    def request(self, prompt: str) -> urllib.request.Request:
+        body = {"model": self.model, "temperature": 0, "max_tokens": 8,
+                "messages": [{"role": "system", "content": CHAT_QUESTION}, {"role": "user", "content": prompt}]}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+
+    def ask(self, prompt: str) -> str | None:
+        """One request; ``ChatError`` on a timeout, an HTTP or connection error, or an unusable answer."""
+        try:
+            with urllib.request.urlopen(self.request(prompt), timeout=self.timeout) as response:
+                payload = json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as err:
+            raise ChatError(f"{self.url} answered HTTP {err.code}") from None
+        except (socket.timeout, TimeoutError):
+            raise ChatError(f"{self.url} did not answer within {self.timeout:g} s") from None
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, (socket.timeout, TimeoutError)):
+                raise ChatError(f"{self.url} did not answer within {self.timeout:g} s") from None
+            raise ChatError(f"{self.url} is unreachable ({err.reason})") from None
+        except (ValueError, UnicodeDecodeError):
+            raise ChatError(f"{self.url} answered with something that is not JSON") from None
+        try:
+            text = payload["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise ChatError(f"{self.url} answered without choices[0].message.content") from None
+        return parse_chat_answer(str(text))
+
+    def __call__(self, prompt: str) -> str | None:
+        try:
+            return self.ask(prompt)
+        except ChatError as err:
+            if self.on_error == "error":
+                raise ChatError(f"{self.key}: {err}") from None
+            log.warning("%s: %s; using the lexicon for %r", self.key, err, prompt[:60])
+            return self.fallback(prompt)
+
+
+class ValueRetriever:
+    """``retrieve(prompt)``: the value of a prompt (or None); ``image_value(prompt, seed)``: the value one image is
+    generated with (bias values with probability ``bias_probability``)."""
+
+    def __init__(self, classifier: str = "lexicon", bias_probability: float = 0.5, seed: int = 0,
+                 zero_shot: dict | None = None, chat: dict | None = None, key: str = "retriever"):
+        if classifier not in CLASSIFIERS:
+            raise ConfigError(f"{key}.classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+        if isinstance(bias_probability, bool) or not isinstance(bias_probability, (int, float)) \
+                or not 0 <= bias_probability <= 1:
+            raise ConfigError(f"{key}.bias_probability must be in [0, 1], got {bias_probability!r}")
+        self.seed = int(seed)
+        self.bias_probability = float(bias_probability)
+        if classifier == "lexicon":
+            self.classifier = LexiconClassifier(seed=self.seed)
+        elif classifier == "zero_shot":
+            self.classifier = ZeroShotClassifier(**(zero_shot or {}), seed=self.seed, key=f"{key}.zero_shot")
+        else:
+            if not chat or "url" not in chat:
+                raise ConfigError(f"{key}.chat.url: set the endpoint for classifier=chat")
+            self.classifier = ChatClassifier(**chat, seed=self.seed, key=f"{key}.chat")
+
+    def retrieve(self, prompt: str) -> str | None:
+        return keyword_value(prompt) or self.classifier(prompt)
+
+    def image_value(self, prompt: str, image_seed: int, value: str | None = None) -> str | None:
+        """The value of one image: ``value`` (default: retrieved), dropped for a bias value with probability
+        ``1 − bias_probability`` (a draw fixed by the retriever's seed, the prompt and ``image_seed``)."""
+        value = self.retrieve(prompt) if value is None else value
+        if value in BIAS_VALUES and seeded_coin(self.seed, "bias", prompt, int(image_seed)) >= self.bias_probability:
+            return None
+        return value
+
+    def annotate(self, records: Sequence[dict]) -> list[dict]:
+        """Prompt-file rows with ``value`` set to the retrieved value (None: no value); rows that already hold a
+        ``value`` keep it."""
+        return [{**r, "value": r["value"] if r.get("value") is not None else self.retrieve(r["prompt"])}
+                for r in records]
