@@ -289,3 +289,16 @@ def test_dataset_bad_rows_name_file_and_line(tmp_path, change, expected):
     with pytest.raises(DataError) as info:
         _dataset(tmp_path, [row, GOOD[1]])
     assert expected in str(info.value) and "livo.jsonl" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dataset_checks_resolve_interpolations_inside_the_generate_node():
+    """dataset_class checks the loader keys (generate among them) resolved against the run config: a ${...} inside
+    dataset.generate used to fail there, detached from the config it points into."""
+    from omegaconf import OmegaConf
+
+    from alignment.data.component import dataset_class
+
+    cfg = OmegaConf.create({"backbone": {"name": "tiny"}, "dataset": {
+        "_target_": "alignment.data.pickapic.PreferencePairs", "source": "unused",
+        "generate": {"_target_": "alignment.builders.pools.PoolBuilder", "prompts": "${backbone.name}.txt"}}})
+    assert dataset_class(cfg.dataset).kind == "pairs"

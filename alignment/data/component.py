@@ -44,7 +44,10 @@ def dataset_class(node: DictConfig):
     if node is None or "_target_" not in node:
         raise ConfigError("dataset._target_: missing (conf/dataset/*.yaml name the dataset class, e.g. "
                           "alignment.data.pickapic.PreferencePairs)")
-    check_schema(OmegaConf.create({k: node[k] for k in node if k in LOADER_KEYS}), LOADER_KEYS, "dataset")
+    # resolved while still attached to the run config: a ${...} inside e.g. dataset.generate cannot resolve detached
+    loader = {k: OmegaConf.to_container(node[k], resolve=True) if OmegaConf.is_config(node[k]) else node[k]
+              for k in node if k in LOADER_KEYS}
+    check_schema(OmegaConf.create(loader), LOADER_KEYS, "dataset")
     target = check_keys(dataset_options(node), "dataset")
     positive_int(node.get("batch_size", 1), "dataset.batch_size")
     if getattr(target, "kind", None) not in ("pairs", "prompts"):
