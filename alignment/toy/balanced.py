@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from alignment.toy.demo import run_step, write_heldout_prompts
+from alignment.toy.demo import cell_text, run_step, write_heldout_prompts
 
 QUALITY = ("toy_colour", "toy_shape", "toy_centring", "toy_contrast")
 EVAL_SCORERS = QUALITY + ("toy_preference", "toy_artifacts", "toy_safety")
@@ -71,11 +71,6 @@ def run_all(out: Path, seed: int = 0, data_seed: int = 0, only: Sequence[str] | 
     return summary
 
 
-def wins(cell: dict) -> str:
-    """A win-rate cell's verdict: '+' interval above 50 %, '-' below, '=' touches it."""
-    return "+" if cell["low"] > 0.5 else "-" if cell["high"] < 0.5 else "="
-
-
 def format_summary(summary: dict) -> str:
     lines = [f"seed {summary['seed']}, data seed {summary['data_seed']}: win rate over the base on the 28 held-out "
              f"captions (mean of {summary['images_per_prompt']} seeds per prompt), 95 % interval"]
@@ -83,7 +78,7 @@ def format_summary(summary: dict) -> str:
     lines.append(header)
     for name, cells in summary["win_rate"].items():
         lines.append(f"{name:<20}" + "".join(
-            f"{100 * c['rate']:>8.1f} [{100 * c['low']:5.1f},{100 * c['high']:5.1f}] {wins(c)}  "
+            f"{cell_text(c)}  "
             for c in (cells[s] for s in EVAL_SCORERS)))
     lines.append("means: " + "; ".join(f"{m}: " + ", ".join(f"{s} {v:.3f}" for s, v in means.items())
                                         for m, means in summary["mean"].items()))

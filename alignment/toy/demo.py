@@ -47,6 +47,16 @@ def run_step(args: list[str], log: Path) -> None:
         raise TrainingError(f"{args[0]} failed (exit {proc.returncode}); full log in {log}")
 
 
+def verdict(cell: dict) -> str:
+    """A win-rate cell's verdict: '+' its interval is above 50 %, '-' below, '=' it holds 50 %."""
+    return "+" if cell["low"] > 0.5 else "-" if cell["high"] < 0.5 else "="
+
+
+def cell_text(cell: dict) -> str:
+    """A win-rate cell for a table: rate [low, high] in percent and its verdict."""
+    return f"{100 * cell['rate']:>8.1f} [{100 * cell['low']:5.1f},{100 * cell['high']:5.1f}] {verdict(cell)}"
+
+
 def write_heldout_prompts(path: Path) -> list[str]:
     from alignment.toy.pairs import split_captions
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from alignment.toy.demo import run_step, write_heldout_prompts
+from alignment.toy.demo import cell_text, run_step, write_heldout_prompts
 
 EVAL_SCORERS = ("toy_preference", "toy_colour", "toy_artifacts", "toy_safety")
 RUNS = {"n2": ["dataset.generate.num_images=2", "method.lambda_stat=0"],
@@ -88,11 +88,6 @@ def total_shift(shift: dict) -> float:
     return sum(abs(v) for v in shift.values())
 
 
-def wins(cell: dict) -> str:
-    """A win-rate cell's verdict: '+' interval above 50 %, '-' below, '=' touches it."""
-    return "+" if cell["low"] > 0.5 else "-" if cell["high"] < 0.5 else "="
-
-
 def format_summary(summary: dict) -> str:
     lines = [f"seed {summary['seed']}, data seed {summary['data_seed']}: win rate over the base on the 28 held-out "
              f"captions (mean of {summary['images_per_prompt']} seeds per prompt), 95 % interval; HSV shift vs base"]
@@ -100,7 +95,7 @@ def format_summary(summary: dict) -> str:
     for name, cells in summary["win_rate"].items():
         shift = summary["color_shift"][name]
         lines.append(f"{name:<14}" + "".join(
-            f"{100 * c['rate']:>8.1f} [{100 * c['low']:5.1f},{100 * c['high']:5.1f}] {wins(c)}  "
+            f"{cell_text(c)}  "
             for c in (cells[s] for s in EVAL_SCORERS))
             + f"   {shift['H']:.2f} / {shift['S']:.2f} / {shift['V']:.2f} ({total_shift(shift):.2f})")
     lines.append("means: " + "; ".join(f"{m}: " + ", ".join(f"{s} {v:.3f}" for s, v in means.items())
