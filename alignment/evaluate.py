@@ -19,6 +19,10 @@ tables when ``logger=wandb`` (offline by default).
 Errors in the config (unknown scorer or model name, a missing adapter, prompt or weight file) are reported as one
 line, ``error: <key>: ...``, exit status 2, before any model is built.
 
+``retriever`` (off by default; ``retriever=lexicon|zero_shot|chat``) chooses LiVO's value per image for models
+whose conditioner reads one (docs/methods.md#livo-inference); the value is part of each image's cache entry and
+listed per image in ``scores.json`` (``extras``), the retriever's settings in ``metrics.json`` (``config``).
+
 ``prompt_filter.model`` (off by default) drops the prompts a text classifier calls unsafe before anything is
 generated (``alignment.evaluation.prompt_filter``); ``metrics.json`` records them under ``prompt_filter``.
 """
@@ -40,7 +44,8 @@ def config_summary(cfg: DictConfig, plan) -> dict:
             "guidance_scale": plan.guidance_scale, "negative_prompt": plan.negative_prompt,
             "scorers": plan.scorer_names, "image_dir": str(plan.image_dir),
             "prompt_filter": ({k: plan.prompt_filter[k] for k in ("model", "unsafe_labels", "threshold")}
-                              if plan.prompt_filter else None)}
+                              if plan.prompt_filter else None),
+            "retriever": plan.retriever}
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -64,7 +69,8 @@ def evaluate(cfg: DictConfig) -> dict:
     scorers = build_scorers(cfg.get("scorers"))
     metric_models = load_metric_models(plan, scorers, device)
     caches = {name: ModelImages(plan.image_dir, spec, generation_settings(plan, spec, backbone_node),
-                                extras=plan.extras_for(spec.conditioner_extras))
+                                image_extras=plan.image_extras(spec.conditioner_extras)
+                                if spec.conditioner_extras else None)
               for name, spec in plan.models.items()}
     counts = generate_missing(plan, caches, lambda: instantiate_checked(cfg.backbone, "backbone"), cfg.backbone,
                               device)
@@ -89,6 +95,12 @@ def evaluate(cfg: DictConfig) -> dict:
     scores = {"prompts": plan.prompts, "seeds": plan.seeds,
               "scores": {m: {s: [[finite(v) for v in row] for row in t.tolist()] for s, t in per.items()}
                          for m, per in evaluation.scores.items()}}
+    extras = {name: cache.image_extra for name, cache in caches.items() if cache.spec.conditioner_extras}
+    if extras:  # the extras each image was sampled with (LiVO: the value used, after the retriever's draw)
+        scores["extras"] = {m: {extra: [[get(i, seed).get(extra) for seed in plan.seeds]
+                                        for i in range(len(plan.prompts))]
+                                for extra in plan.models[m].conditioner_extras}
+                            for m, get in extras.items()}
     if evaluation.attribute_probs:
         scores["attribute_probs"] = {m: {group: t.tolist() for group, t in per.items()}
                                      for m, per in evaluation.attribute_probs.items()}

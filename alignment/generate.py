@@ -20,7 +20,15 @@ recorded as ``lan: false``. Sampling is the project's ``sample_images`` (or ``sa
 (``ddim`` or ``dpmsolver``): image ``(prompt, seed)`` starts from the noise of ``torch.Generator().manual_seed(seed)``,
 so the same seed gives the same starting noise for every model compared. ``index.jsonl`` records the LoRA scale and
 the LAN switch actually used.
-A conditioner reads its per-prompt extras (e.g. a ``value``) from the prompt file's fields of the same name.
+A conditioner reads its per-image extras (e.g. LiVO's ``value``) from the prompt file's fields of the same name,
+every seed of a row alike. With ``retriever`` set (``retriever=lexicon|zero_shot|chat``, ``alignment.retrieval.values``;
+null: off) and a model whose conditioner reads ``value``, each image's value is the row's ``value`` field if it has
+one, else the retriever's value for the prompt, then LiVO's per-image draw: a bias value is kept with probability
+``retriever.bias_probability`` (0.5) by a draw fixed by the retriever's seed, the prompt and the image's seed (the
+same for every model and every rerun), a toxicity value always (docs/methods.md#livo-inference). An image without a
+value is sampled with the base conditioning, in a batch of its own (``LoadedModel.sample`` splits every batch into
+value-free and valued images for every model alike), so it is pixel-identical to the base model's image of the same
+seed. ``index.jsonl`` records the value used per image (``extras``) and the retriever's settings.
 With ``prompt_filter.model`` set, a text classifier drops unsafe prompts first (``alignment.evaluation.prompt_filter``;
 the kept prompts are renumbered in order, ``out_dir/prompt_filter.json`` lists the dropped ones and maps the kept
 ones back to the file).
@@ -112,12 +120,46 @@ def filter_prompts(node, records: list[dict]) -> tuple[list[dict], dict | None]:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def image_extras(records: list[dict], seeds: list[int], names, values: dict | None = None) -> dict:
+    """``{(prompt_index, seed): {name: value}}``: the extras ``names`` of every image, from the rows' fields of the
+    same name, with ``value`` replaced by ``values`` (the retriever's per-image values) when given."""
+    out = {}
+    for i, record in enumerate(records):
+        for seed in seeds:
+            extra = {name: record.get(name) for name in names}
+            if values is not None and "value" in extra:
+                extra["value"] = values[(i, seed)]
+            out[(i, seed)] = extra
+    return out
+
+
+def image_values(settings: dict | None, records: list[dict], seeds: list[int], specs: dict) -> dict | None:
+    """The value of every image ``(prompt_index, seed)`` from the retriever (``retriever_settings``), or None when
+    it is off or no model's conditioner reads a ``value``."""
+    from alignment.retrieval.values import ValueRetriever, describe_values
+
+    if settings is None:
+        return None
+    if not any("value" in spec.conditioner_extras for spec in specs.values()):
+        print("warning: retriever: no model's conditioner reads a value; the retriever is not used", file=sys.stderr)
+        return None
+    retriever = ValueRetriever(**settings)
+    values = retriever.image_values([r["prompt"] for r in records], seeds, [r.get("value") for r in records])
+    print(f"retriever ({settings['classifier']}): {describe_values(values)}")
+    return values
+
+
 def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_dir: Path, settings: dict,
-                   grid: bool, batch_size: int) -> dict:
-    """Sample one model (``spec`` applied to the backbone) into ``out_dir``: images, ``grid.png``, ``index.jsonl``."""
+                   grid: bool, batch_size: int, extras: dict | None = None, retriever: dict | None = None) -> dict:
+    """Sample one model (``spec`` applied to the backbone) into ``out_dir``: images, ``grid.png``, ``index.jsonl``.
+
+    ``extras`` (``image_extras``: ``{(prompt_index, seed): {name: value}}``, the same for every model of a run) are
+    the images' extras; every model gets them, so its batches are split into images with and without one as every
+    other model's are (``LoadedModel.sample``), and the conditioner reads those it knows. Default: the rows' fields
+    named by this model's conditioner. ``retriever``: its settings, recorded with the images of a model that reads a
+    ``value``."""
     import torch
 
-    from alignment.data.prompts import record_extras
     from alignment.runs import model_loaded
     from alignment.sampling.sample import image_grid, to_pil
 
@@ -130,16 +172,21 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
             "run": str(spec.run) if spec.run is not None else None, "lan": spec.lan, **settings}
     with model_loaded(backbone, spec) as model:
         extras_names = model.extras
+        if extras is None:
+            extras = image_extras(records, seeds, extras_names)
+        if retriever is not None and "value" in extras_names:
+            base["retriever"] = retriever
+        names = list(dict.fromkeys(name for extra in extras.values() for name in extra))
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             pixels = model.sample([r["prompt"] for _, r, _ in batch], [s for _, _, s in batch],
-                                  record_extras([r for _, r, _ in batch], extras_names),
+                                  {name: [extras[(i, s)].get(name) for i, _, s in batch] for name in names},
                                   num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                                   negative_prompt=settings["negative_prompt"], sampler=settings["sampler"])
             for (i, record, seed), image in zip(batch, to_pil(pixels)):
                 name = image_name(i, seed)
                 save_png(image, out_dir / name)
-                extra = {k: record.get(k) for k in extras_names}
+                extra = {k: extras[(i, seed)].get(k) for k in extras_names}  # what the conditioner was given
                 rows.append({"prompt_index": i, "prompt": record["prompt"], "seed": seed, "file": name, **base,
                              **({"extras": extra} if extra else {})})
                 if grid and i < GRID_MAX_ROWS:
@@ -167,10 +214,12 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
 
 def generate(cfg: DictConfig) -> dict:
     from alignment.config import boolean, instantiate_checked, number, positive_int
+    from alignment.retrieval.values import retriever_settings
     from alignment.runs import check_same_base, parse_models, resolve_path
     from alignment.sampling.sample import check_sampler
 
     # Every cheap check before the model is built.
+    retriever = retriever_settings(cfg.get("retriever"), "retriever")
     records = load_prompt_records(cfg.get("prompts"), cfg.get("prompt"))
     seeds = check_seeds(cfg.get("seeds"))
     # null: the run's recorded method.inference setting (HG-DPO: LoRA scale 0.5), else 1.0 / false
@@ -197,6 +246,12 @@ def generate(cfg: DictConfig) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir: {out_dir} exists and is not a folder")
     records, filter_summary = filter_prompts(cfg.get("prompt_filter"), records)
+    # The extras of every image, the same for every model (the retriever, if on, runs once, before any model).
+    values = image_values(retriever, records, seeds, specs)
+    extras = image_extras(records, seeds, list(dict.fromkeys(n for spec in specs.values()
+                                                             for n in spec.conditioner_extras)), values)
+    if values is None:
+        retriever = None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     filter_file = out_dir / FILTER_NAME
@@ -213,7 +268,7 @@ def generate(cfg: DictConfig) -> dict:
             check_same_base(spec, cfg.backbone)
         folder = out_dir if not models_node else out_dir / name
         results[name] = generate_model(backbone, spec, records, seeds, folder, settings, bool(cfg.get("grid")),
-                                       batch_size)
+                                       batch_size, extras, retriever)
         note = f" with {spec.weights}" + (f" (LoRA scale {spec.lora_scale:g})" if spec.adapter else "") \
             + (" with LAN against the base model" if spec.lan else "") if not spec.is_base else ""
         grid = results[name]["grid"]

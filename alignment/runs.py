@@ -445,15 +445,54 @@ class LoadedModel:
     def sample(self, prompts: list[str], seeds: list[int], extras: dict | None = None, *, num_inference_steps: int,
                guidance_scale: float, negative_prompt: str, sampler: str):
         """Pixels in [0, 1] of one image per (prompt, seed): ``sample_images``, or with ``spec.lan``
-        ``sample_with_lan`` against ``target`` (the base model conditioned by the text alone)."""
+        ``sample_with_lan`` against ``target`` (the base model conditioned by the text alone).
+
+        ``extras`` (name -> one value per image, e.g. LiVO's ``value``) splits the batch: the images without any
+        extra (every value None) are sampled in a batch of their own, apart from those with one, and the pixels come
+        back in the order given (``extras_groups``). So an image without a value never shares a UNet call with
+        valued ones (whose conditioning is 1 + 77 tokens long), and gets exactly the base model's conditioning. The
+        split depends on ``extras`` alone, not on whether this model's conditioner reads them: callers pass every
+        model the same per-image extras, so a value-free image of a LiVO model and of the base come from batches of
+        the same composition (bit-identical images, not just equal up to a batch's float noise)."""
+        import torch
+
+        groups = extras_groups(extras, len(prompts))
+        if len(groups) == 1:
+            return self._sample(list(prompts), list(seeds), extras, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, negative_prompt=negative_prompt, sampler=sampler)
+        out = None
+        for rows in groups:
+            part = self._sample([prompts[i] for i in rows], [seeds[i] for i in rows],
+                                {name: [values[i] for i in rows] for name, values in extras.items()},
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                negative_prompt=negative_prompt, sampler=sampler)
+            if out is None:
+                out = part.new_empty((len(prompts), *part.shape[1:]))
+            out[torch.as_tensor(rows, device=part.device)] = part
+        return out
+
+    def _sample(self, prompts: list[str], seeds: list[int], extras: dict | None, **settings):
         from alignment.sampling import sample as sampling
         from alignment.sampling.lan import sample_with_lan
 
-        options = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                       negative_prompt=negative_prompt, conditioner=self.conditioner, extras=extras, sampler=sampler)
+        options = dict(conditioner=self.conditioner, extras=extras, **settings)
         if not self.lan:
-            return sampling.sample_images(self.backbone, list(prompts), list(seeds), **options)
-        return sample_with_lan(self.backbone, list(prompts), list(seeds), target_unet=self.target, **options)
+            return sampling.sample_images(self.backbone, prompts, seeds, **options)
+        return sample_with_lan(self.backbone, prompts, seeds, target_unet=self.target, **options)
+
+
+def extras_groups(extras: dict | None, count: int) -> list[list[int]]:
+    """The rows of one sampling batch as groups sampled apart, each in order: ``[all rows]`` when every row has
+    some extra or none has any, else ``[rows without any extra, rows with one]`` (an extra is a value that is not
+    None)."""
+    for name, values in (extras or {}).items():
+        if len(values) != count:
+            raise ValueError(f"extras {name!r}: {len(values)} values for {count} images")
+    plain = [i for i in range(count) if all(values[i] is None for values in (extras or {}).values())]
+    if len(plain) in (0, count):
+        return [list(range(count))]
+    kept = set(plain)
+    return [plain, [i for i in range(count) if i not in kept]]
 
 
 @contextmanager

@@ -18,9 +18,19 @@ scale used: a run's recorded ``method.inference.lora_scale`` when none is given)
 regenerates the prompts whose text changed at their index. The adapter's path is not part of the key: a moved or
 copied LoRA file with the same bytes reuses the images.
 
+A model whose conditioner reads extras (LiVO's ``value``) also has, per image, the extras it was sampled with in
+its manifest entry (``"extras": {"value": ...}``): an image wanted with another value is generated again. With the
+value retriever on (``retriever``), that is the value of the image itself — the row's or the retrieved value after
+the per-image draw for bias values (``alignment.evaluation.plan``) — so changing the retriever, its classifier, its
+seed or ``bias_probability`` regenerates exactly the images whose value changes and reuses the others (an image is
+defined by its value, not by how the value was chosen); switching the retriever off reverts to the prompt file's
+value for every seed. The retriever's settings are recorded in ``metrics.json`` (``config.retriever``).
+
 Images are generated in batches of missing images; a batch's composition changes float results by ~1e-6 at most
-(below one uint8 level almost always). The manifest is rewritten atomically after every batch, so an interrupted
-run keeps what it finished.
+(below one uint8 level almost always). Every batch is split into images with and without an extra, for every model
+alike (``LoadedModel.sample``): a LiVO model's value-free images are sampled as the base model's are (bit-identical
+when both generate the same images in one evaluation). The manifest is rewritten atomically after every batch, so
+an interrupted run keeps what it finished.
 """
 
 from __future__ import annotations
@@ -56,13 +66,17 @@ def settings_key(settings: dict) -> str:
 
 class ModelImages:
     """One model's folder of cached images and its manifest. ``extras``: the per-prompt values of the extras the
-    model's conditioner reads (part of each image's manifest entry: another value regenerates the image)."""
+    model's conditioner reads; ``image_extras``: ``{(prompt_index, seed): {name: value}}``, per-image values that
+    replace them (the retriever's values, ``Plan.image_extras``). Either is part of each image's manifest entry:
+    another value regenerates the image."""
 
-    def __init__(self, image_dir: Path, spec: ModelSpec, settings: dict, extras: dict[str, list] | None = None):
+    def __init__(self, image_dir: Path, spec: ModelSpec, settings: dict, extras: dict[str, list] | None = None,
+                 image_extras: dict[tuple[int, int], dict] | None = None):
         self.spec = spec
         self.folder = Path(image_dir) / spec.name
         self.settings = settings
         self.extras = dict(extras or {})
+        self.image_extras = image_extras
         self.key = settings_key(settings)
         self.manifest = self._load_manifest()
 
@@ -88,11 +102,18 @@ class ModelImages:
     def path(self, prompt_index: int, seed: int) -> Path:
         return self.folder / image_name(prompt_index, seed)
 
+    def image_extra(self, prompt_index: int, seed: int) -> dict:
+        """The extras image ``(prompt_index, seed)`` is sampled with (empty: none)."""
+        if self.image_extras is not None:
+            return dict(self.image_extras.get((prompt_index, seed), {}))
+        return {name: values[prompt_index] for name, values in self.extras.items()}
+
     def entry(self, prompt_index: int, prompt: str, seed: int) -> dict:
         """What defines image ``(prompt_index, seed)``: its prompt, seed, settings key and extras (if any)."""
         entry = {"prompt": prompt, "seed": seed, "settings": self.key}
-        if self.extras:
-            entry["extras"] = {name: values[prompt_index] for name, values in self.extras.items()}
+        extra = self.image_extra(prompt_index, seed)
+        if extra:
+            entry["extras"] = extra
         return entry
 
     def is_cached(self, prompt_index: int, prompt: str, seed: int) -> bool:
@@ -124,7 +145,10 @@ def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone:
     diffusers' ``load_lora_weights``, an exported UNet, a conditioner), its images sampled with ``sample_images``, or
     ``sample_with_lan`` against the base model when its ``lan`` is on (``LoadedModel.sample``; image
     ``(prompt, seed)`` starts from the noise of ``torch.Generator().manual_seed(seed)``, the same for every model),
-    then the backbone is the base model again. Returns ``{model: {"generated": n, "reused": m}}``.
+    then the backbone is the base model again. Every model is given the extras any compared model's conditioner
+    reads (``Plan.image_extras(plan.extra_names)``: the prompt file's fields, the retriever's values), so its batches
+    are split into images with and without one exactly as the others' are; a conditioner reads those it knows.
+    Returns ``{model: {"generated": n, "reused": m}}``.
     """
     import torch
 
@@ -136,6 +160,8 @@ def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone:
     counts = {name: {"generated": len(todo[name]), "reused": len(jobs) - len(todo[name])} for name in caches}
     if not any(todo.values()):
         return counts
+    names = plan.extra_names
+    image_extras = plan.image_extras(names) if names else {}
     backbone = build_backbone()
     backbone.to(device).eval()
     for name, missing in todo.items():
@@ -148,7 +174,9 @@ def generate_missing(plan: Plan, caches: dict[str, ModelImages], build_backbone:
         with model_loaded(backbone, spec) as model:
             for start in range(0, len(missing), plan.batch_size):
                 batch = missing[start:start + plan.batch_size]
-                extras = {name: [values[i] for i, _, _ in batch] for name, values in cache.extras.items()}
+                # the model's own extras are what its manifest entries record; the others only split the batch
+                given = [{**image_extras.get((i, seed), {}), **cache.image_extra(i, seed)} for i, _, seed in batch]
+                extras = {extra: [g.get(extra) for g in given] for extra in dict.fromkeys(n for g in given for n in g)}
                 pixels = model.sample([p for _, p, _ in batch], [s for _, _, s in batch], extras,
                                       num_inference_steps=plan.num_inference_steps,
                                       guidance_scale=plan.guidance_scale, negative_prompt=plan.negative_prompt,

@@ -9,10 +9,17 @@ the reference model and the metric options. Scorer names used by metrics (``metr
 With ``prompt_filter.model`` set, a text classifier drops unsafe prompts here (``alignment.evaluation.prompt_filter``):
 its config and label names are checked first, its weights load after every other cheap check, and the kept prompts
 are renumbered 0..n-1 in file order (``plan.prompt_filter["kept_indices"]`` maps them back to the file).
+
+With ``retriever`` set (LiVO's value retriever, ``alignment.retrieval.values``; checked with the cheap checks, run
+after the prompt filter) and a model whose conditioner reads ``value``, ``plan.image_values`` holds the value of
+every image ``(prompt_index, seed)``: the row's ``value`` field if it has one, else the retrieved value, then the
+per-image draw for bias values (docs/methods.md#livo-inference). ``plan.image_extras(names)`` gives every image's
+extras, the same for every model.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +61,8 @@ class Plan:
     extras: dict = field(default_factory=dict)    # per-prompt fields of the prompt file (read by conditioners)
     prompt_filter: dict | None = None             # the safety filter's summary (None: no filter)
     sampler: str = "ddim"                         # ddim | dpmsolver (alignment.sampling.sample.make_sampler)
+    retriever: dict | None = None                 # the value retriever's settings (None: off or unused)
+    image_values: dict | None = None              # (prompt_index, seed) -> the value used (None: retriever off)
 
     @property
     def k(self) -> int:
@@ -62,6 +71,24 @@ class Plan:
     def extras_for(self, names) -> dict[str, list]:
         """The per-prompt values of the fields ``names`` of the prompt file (None where a prompt has none)."""
         return {name: self.extras.get(name, [None] * len(self.prompts)) for name in names}
+
+    @property
+    def extra_names(self) -> list[str]:
+        """The extras any model's conditioner reads: every model is sampled with them (``LoadedModel.sample`` splits
+        its batches into images with and without one, so every model's batches are composed alike)."""
+        return list(dict.fromkeys(name for spec in self.models.values() for name in spec.conditioner_extras))
+
+    def image_extras(self, names) -> dict[tuple[int, int], dict]:
+        """``{(prompt_index, seed): {name: value}}`` for the extras ``names``: the prompt file's fields, with
+        ``value`` from ``image_values`` when the retriever is on (empty dicts without names)."""
+        per_prompt = self.extras_for(names)
+        out = {}
+        for i, _, seed in self.jobs():
+            extra = {name: values[i] for name, values in per_prompt.items()}
+            if self.image_values is not None and "value" in extra:
+                extra["value"] = self.image_values[(i, seed)]
+            out[(i, seed)] = extra
+        return out
 
     @property
     def others(self) -> list[str]:
@@ -285,8 +312,10 @@ def build_plan(cfg: DictConfig) -> Plan:
     """Every check of the evaluation config that needs no model (cheap ones first), then the prompt safety filter
     when one is configured (a text classifier; never the image model)."""
     from alignment.evaluation.prompt_filter import PromptSafetyFilter
+    from alignment.retrieval.values import ValueRetriever, describe_values, retriever_settings
     from alignment.sampling.sample import check_sampler
 
+    retriever = retriever_settings(cfg.get("retriever"), "retriever")
     max_prompts = cfg.get("max_prompts")
     prompt_filter = PromptSafetyFilter.from_config(cfg.get("prompt_filter"))  # labels checked, no weights read yet
     # With a filter, max_prompts counts kept prompts: the file is classified in order until that many are kept.
@@ -345,6 +374,13 @@ def build_plan(cfg: DictConfig) -> Plan:
             prompt_filter.release()
     prompts = [r["prompt"] for r in records]
     extras = record_extras(records, dict.fromkeys(name for r in records for name in r if name != "prompt"))
+    image_values = None
+    if retriever is not None and not any("value" in spec.conditioner_extras for spec in models.values()):
+        print("warning: retriever: no model's conditioner reads a value; the retriever is not used", file=sys.stderr)
+        retriever = None
+    if retriever is not None:   # after the filter: a dropped prompt is never sent to a chat endpoint
+        image_values = ValueRetriever(**retriever).image_values(prompts, seeds, [r.get("value") for r in records])
+        print(f"retriever ({retriever['classifier']}): {describe_values(image_values)}")
     return Plan(
         prompts=prompts, prompt_source=source, extras=extras, seeds=seeds, models=models, reference=str(reference),
         sampler=sampler, num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt,
@@ -353,5 +389,5 @@ def build_plan(cfg: DictConfig) -> Plan:
         output_dir=Path(str(cfg.output_dir)).expanduser(), scorer_names=scorer_names,
         winrate=winrate, color_shift=color_shift, change=_change(_node(metrics, "change"), prompts, seeds),
         fid=fid, inception_score=inception_score, clip_score=clip_score, bias=bias, toxicity=toxicity,
-        report=report, prompt_filter=filter_summary,
+        report=report, prompt_filter=filter_summary, retriever=retriever, image_values=image_values,
     )

@@ -14,7 +14,9 @@
 
 At inference (``image_value``) a bias value is used with probability ``bias_probability`` (0.5) per image, drawn
 from the retriever's seed, the prompt and the image's seed; toxicity values always; no value means the base model's
-conditioning.
+conditioning. ``retriever_settings(node)`` checks a ``retriever`` config node of ``alignment.generate`` /
+``alignment.evaluate`` (null: off) without loading or calling anything; ``ValueRetriever(**settings).image_values``
+gives the value of every (prompt, seed) image of a run (docs/methods.md#livo-inference).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ PERSON_WORDS: tuple[str, ...] = (
 )
 CLASSIFIERS: tuple[str, ...] = ("lexicon", "zero_shot", "chat")
 ON_ERROR: tuple[str, ...] = ("lexicon", "error")
+RETRIEVER_KEYS: tuple[str, ...] = ("classifier", "bias_probability", "seed", "zero_shot", "chat")
+CLASSIFIER_KEYS: dict[str, tuple[str, ...]] = {"zero_shot": ("model", "threshold", "device"),
+                                               "chat": ("url", "model", "timeout", "on_error", "api_key_env")}
 CHAT_QUESTION = (
     "You decide which value applies to a text-to-image prompt. If the prompt depicts a person (or people), answer "
     "'gender equality' or 'racial equality' — the one more relevant to the prompt, chosen at random when neither "
@@ -205,6 +210,11 @@ class ValueRetriever:
 
     def __init__(self, classifier: str = "lexicon", bias_probability: float = 0.5, seed: int = 0,
                  zero_shot: dict | None = None, chat: dict | None = None, key: str = "retriever"):
+        for name, node in (("zero_shot", zero_shot), ("chat", chat)):
+            unknown = sorted(set(node or {}) - set(CLASSIFIER_KEYS[name]))
+            if unknown:
+                raise ConfigError(f"{key}.{name}.{unknown[0]}: unknown key (accepted: "
+                                  f"{', '.join(CLASSIFIER_KEYS[name])})")
         if classifier not in CLASSIFIERS:
             raise ConfigError(f"{key}.classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
         if isinstance(bias_probability, bool) or not isinstance(bias_probability, (int, float)) \
@@ -237,3 +247,107 @@ class ValueRetriever:
         ``value`` keep it."""
         return [{**r, "value": r["value"] if r.get("value") is not None else self.retrieve(r["prompt"])}
                 for r in records]
+
+    def image_values(self, prompts: Sequence[str], seeds: Sequence[int],
+                     values: Sequence[str | None] | None = None) -> dict[tuple[int, int], str | None]:
+        """The value of every image ``(prompt_index, seed)``: ``values[i]`` (a prompt file's ``value`` field) when
+        given, else the retrieved value (one ``retrieve`` per distinct prompt text), then ``image_value``'s draw per
+        seed (bias values kept with probability ``bias_probability``, toxicity values always; None: no value)."""
+        retrieved: dict[str, str | None] = {}
+        out: dict[tuple[int, int], str | None] = {}
+        for i, prompt in enumerate(prompts):
+            value = values[i] if values is not None else None
+            if value is None:
+                if prompt not in retrieved:
+                    retrieved[prompt] = self.retrieve(prompt)
+                value = retrieved[prompt]
+            for seed in seeds:
+                out[(i, int(seed))] = None if value is None else self.image_value(prompt, seed, value)
+        return out
+
+
+def retriever_settings(node, key: str = "retriever") -> dict | None:
+    """The checked keyword arguments of ``ValueRetriever`` from a config node (null: no retriever), loading and
+    calling nothing: every key known, the classifier one of ``CLASSIFIERS``, ``bias_probability`` in [0, 1], an
+    integer ``seed``; for ``zero_shot`` an existing local model folder and a threshold in [0, 1]; for ``chat`` an
+    http(s) URL, a timeout > 0, ``on_error`` in ``ON_ERROR`` and, when ``api_key_env`` names one, a set environment
+    variable. Only the chosen classifier's node is kept. Errors are one line naming ``<key>.<name>``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if node is None:
+        return None
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, dict):
+        raise ConfigError(f"{key} must be null (off) or a mapping {{{', '.join(RETRIEVER_KEYS)}}} "
+                          f"(e.g. {key}=lexicon), got {node!r}")
+    unknown = sorted(str(k) for k in set(node) - set(RETRIEVER_KEYS))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key (accepted: {', '.join(RETRIEVER_KEYS)})")
+    classifier = node.get("classifier", "lexicon")
+    if classifier not in CLASSIFIERS:
+        raise ConfigError(f"{key}.classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    probability = node.get("bias_probability", 0.5)
+    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+        raise ConfigError(f"{key}.bias_probability must be in [0, 1], got {probability!r}")
+    seed = node.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{key}.seed must be an integer, got {seed!r}")
+    subs = {}
+    for name, accepted in CLASSIFIER_KEYS.items():
+        sub = node.get(name)
+        if sub is None:
+            sub = {}
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{key}.{name} must be a mapping {{{', '.join(accepted)}}}, got {sub!r}")
+        unknown = sorted(str(k) for k in set(sub) - set(accepted))
+        if unknown:
+            raise ConfigError(f"{key}.{name}.{unknown[0]}: unknown key (accepted: {', '.join(accepted)})")
+        subs[name] = {k: v for k, v in sub.items() if v is not None}
+    settings = {"classifier": classifier, "bias_probability": float(probability), "seed": int(seed)}
+    if classifier == "zero_shot":
+        sub, where = subs["zero_shot"], f"{key}.zero_shot"
+        model = sub.get("model")
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{where}.model: set the local folder of a zero-shot-classification model for "
+                              f"classifier=zero_shot")
+        if not os.path.isdir(os.path.expanduser(model)):
+            raise ConfigError(f"{where}.model: {model!r} is not a local model folder")
+        threshold = sub.get("threshold", 0.5)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ConfigError(f"{where}.threshold must be in [0, 1], got {threshold!r}")
+        if not isinstance(sub.get("device", "cpu"), str):
+            raise ConfigError(f"{where}.device must be a device name (cpu, cuda, cuda:1 ...), got {sub['device']!r}")
+        settings["zero_shot"] = sub
+    elif classifier == "chat":
+        sub, where = subs["chat"], f"{key}.chat"
+        url = sub.get("url")
+        if url is None:
+            raise ConfigError(f"{where}.url: set the endpoint for classifier=chat (http://host/v1 or its "
+                              f"/chat/completions address)")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.url must be an http(s) URL, got {url!r}")
+        if not isinstance(sub.get("model", "gpt-4o-mini"), str):
+            raise ConfigError(f"{where}.model must be a model name, got {sub['model']!r}")
+        timeout = sub.get("timeout", 10.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"{where}.timeout must be > 0 seconds, got {timeout!r}")
+        if sub.get("on_error", "lexicon") not in ON_ERROR:
+            raise ConfigError(f"{where}.on_error must be one of {', '.join(ON_ERROR)}, got {sub['on_error']!r}")
+        env = sub.get("api_key_env")
+        if env is not None and (not isinstance(env, str) or not env):
+            raise ConfigError(f"{where}.api_key_env must be the name of an environment variable, got {env!r}")
+        if env is not None and not os.environ.get(env):
+            raise ConfigError(f"{where}.api_key_env: the environment variable {env} is not set")
+        settings["chat"] = sub
+    return settings
+
+
+def describe_values(values: dict[tuple[int, int], str | None]) -> str:
+    """``7 of 12 images with a value (gender equality 4, nudity considered inappropriate 3)``: a one-line summary."""
+    counts: dict[str, int] = {}
+    for value in values.values():
+        if value is not None:
+            counts[value] = counts.get(value, 0) + 1
+    detail = ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
+    return f"{sum(counts.values())} of {len(values)} images with a value" + (f" ({detail})" if detail else "")
