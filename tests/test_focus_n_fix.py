@@ -287,6 +287,27 @@ def test_an_all_ones_mask_makes_focus_n_fix_draft(backbone, grad_steps):
     assert masked_out.loss.item() > draft_out.loss.item()
 
 
+def test_visuals_show_the_reference_and_the_tuned_image_with_its_mask(backbone):
+    from alignment.objectives.base import Objective
+    from alignment.objectives.focus_n_fix import FocusNFix
+
+    assert Objective.visuals(FocusNFix.__new__(FocusNFix)) == {}           # the contract's default: nothing
+    objective = make(FocusNFix, {"toy_contrast": toy("toy_contrast")}, reward="toy_contrast", mask="saliency",
+                     mask_options={"percentile": 50})
+    assert objective.visuals() == {}                                       # nothing before the first step
+    with torch.no_grad():
+        objective(backbone, prompt_batch(backbone), 0)
+    grid = objective.visuals()["mask_overlay"]
+    assert grid.shape == (2, 2, 3, 32, 32)                                 # rows = images, columns = ref | tuned
+    masks = objective.last_masks.bool().expand(-1, 3, -1, -1)
+    assert 0 < objective.last_masks.mean() < 1
+    assert torch.equal(grid[:, 0], objective.last_reference)
+    tuned, overlay = objective.last_images, grid[:, 1]
+    assert torch.equal(overlay[~masks], tuned[~masks])                    # untouched outside the mask
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand_as(tuned)
+    assert torch.allclose(overlay[masks], (0.55 * tuned + 0.45 * red)[masks], atol=1e-6)
+
+
 def test_direct_construction_checks_the_scorer_objects():
     from alignment.objectives.draft import DRaFT
     from alignment.objectives.focus_n_fix import FocusNFix
@@ -423,3 +444,45 @@ def test_two_training_steps_on_the_tiny_backbone(tmp_path, prompt_file, method, 
         if method == "focus_n_fix":
             assert math.isfinite(row["penalty"]) and 0 <= row["mask_fraction"] <= 1
     assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_focus_n_fix_run_saves_and_logs_its_mask_overlays(tmp_path, prompt_file):
+    """The objective's visuals() go beside the sample grid: samples/mask_overlay_step_XXXXXX.png at every grid after
+    the first step (rows = the last batch's images, columns = reference | tuned image with the mask tinted)."""
+    from PIL import Image
+
+    run = tmp_path / "run"
+    proc = run_cli("alignment.run", "logger=none", "method=focus_n_fix", *TINY_RUN, f"dataset.source={prompt_file}",
+                   "scorers=toy_contrast", "method.reward=toy_contrast", "method.mask=saliency",
+                   "method.mask_options.percentile=50", "samples.every_n_steps=1", "samples.num_inference_steps=2",
+                   "samples.seeds=[0]", "samples.prompts=[a red square]", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = sorted(path.name for path in (run / "samples").iterdir())
+    assert saved == ["mask_overlay_step_000001.png", "mask_overlay_step_000002.png", "step_000000.png",
+                     "step_000001.png", "step_000002.png"]
+    with Image.open(run / "samples" / "mask_overlay_step_000002.png") as image:
+        assert image.size == (2 * 32, 2 * 32)                              # batch 2 rows × (reference, overlay)
+
+
+def test_the_sample_grid_logs_visuals_to_image_loggers_and_checks_them(tmp_path):
+    """The callback side of the hook, with a stand-in trainer: each visual saved and logged (W&B's log_image) under
+    its name at the grid's step; a badly shaped visual or name is a clear error."""
+    from types import SimpleNamespace
+
+    from alignment.training.callbacks import SampleGrid
+
+    logged = []
+    logger = SimpleNamespace(log_image=lambda key, images, step: logged.append((key, images[0].size, step)))
+    trainer = SimpleNamespace(loggers=[logger], global_step=7)
+    visuals = {"one": torch.rand(3, 8, 6), "row": torch.rand(3, 3, 8, 6), "grid": torch.rand(2, 4, 3, 8, 6)}
+    module = SimpleNamespace(objective=SimpleNamespace(visuals=lambda: visuals))
+    callback = SampleGrid(tmp_path, prompts=["a"], seeds=[0])
+    callback._save_visuals(trainer, module)
+    assert logged == [("one", (6, 8), 7), ("row", (18, 8), 7), ("grid", (24, 16), 7)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid_step_000007.png", "one_step_000007.png",
+                                                          "row_step_000007.png"]
+    callback._save_visuals(trainer, SimpleNamespace(objective=object()))   # an objective without the hook
+    for bad, message in (({"x": torch.rand(1, 8, 8)}, "must be"), ({"a b": torch.rand(3, 8, 8)}, "names must")):
+        module = SimpleNamespace(objective=SimpleNamespace(visuals=lambda bad=bad: bad))
+        with pytest.raises(ValueError, match=message):
+            callback._save_visuals(trainer, module)

@@ -16,6 +16,8 @@ logs images (the LightningModule and its callbacks do that):
   conditioning; used in training, in the sample grid, and exported with the run.
 - ``trainable_parameters()``: what it trains besides the UNet adapter / the UNet (e.g. a value encoder).
 - ``on_optimizer_step_end(backbone, step)``: a hook after each optimizer step (e.g. a reference refresh).
+- ``visuals()``: images the objective wants shown beside the sample grid (e.g. Focus-N-Fix's mask overlays), as
+  ``{name: tensor in [0, 1]}``; the sample-grid callback saves and logs them. Default: none.
 - ``pair_labeller()``: optionally an object that relabels a pair dataset from scores computed once by a builder
   and cached beside the data (BalancedDPO's vote; docs/contract.md#pair-labellers). It has ``extras`` (the
   per-sample columns it adds), ``orders_pairs`` (whether ``latents_w`` is then the preferred image), ``resolve(
@@ -216,6 +218,14 @@ class Objective(nn.Module):
 
     def on_optimizer_step_end(self, backbone, step: int) -> None:
         """Hook after each optimizer step (e.g. a periodic reference refresh)."""
+
+    def visuals(self) -> dict[str, torch.Tensor]:
+        """Images to show beside the sample grid, ``{name: images}`` in [0, 1] (docs/contract.md#objectives): one
+        image (3, H, W), a row (N, 3, H, W) or a grid (rows, columns, 3, H, W). Whenever the sample-grid callback
+        saves its grid it saves each as ``samples/<name>_step_XXXXXX.png`` and logs it to the image loggers (W&B)
+        under ``<name>``. Names: letters, digits, ``_ . -``. Typically drawn from the last training step; the
+        default shows nothing."""
+        return {}
 
     def pair_labeller(self):
         """The object that relabels pair data before training (see the module docstring), or None."""

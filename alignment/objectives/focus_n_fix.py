@@ -14,7 +14,9 @@ gradients are DRaFT's). The map becomes a binary mask by ``alignment.scorers.mas
 UNet with its adapters disabled, docs/conventions.md#the-reference-model).
 
 The last step's masks, reference images and tuned images stay on the objective (``last_masks``,
-``last_reference``, ``last_images``, detached) for a callback that draws overlays (``masks.mask_overlay``).
+``last_reference``, ``last_images``, detached); ``visuals()`` draws them as ``mask_overlay`` (one row per image of
+that batch: the reference image, then the tuned image with its mask tinted red, ``masks.mask_overlay``), which the
+sample-grid callback saves as ``samples/mask_overlay_step_XXXXXX.png`` and logs to W&B.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import torch
 from alignment.errors import ConfigError
 from alignment.objectives.base import ObjectiveOutput, PromptBatch
 from alignment.objectives.draft import DRaFT, _finite, parse_reward
-from alignment.scorers.masks import MASK_SOURCES, MaskPipeline, has_heatmap, heatmap_map, regional_penalty, \
-    saliency_map
+from alignment.scorers.masks import MASK_SOURCES, MaskPipeline, has_heatmap, heatmap_map, mask_overlay, \
+    regional_penalty, saliency_map
 
 # ``mask_options`` left null take the map's own default: saliency maps are smoothed (kernel 16 at 512 px) and cut at
 # the percentile; heatmaps are already localised maps in [0, 1], not smoothed and cut at an absolute level.
@@ -103,6 +105,16 @@ class FocusNFix(DRaFT):
         if self.mask == "ones":
             return torch.ones_like(images[:, :1])
         return self.mask_pipeline(self.mask_map(images, prompts)).to(images.device)
+
+    # ------------------------------------------------------------------------------------------ display
+    def visuals(self) -> dict[str, torch.Tensor]:
+        """``mask_overlay`` (B, 2, 3, H, W): per image of the last training batch, the reference image and the tuned
+        image with the mask (made from the reference) tinted red; nothing before the first step."""
+        if self.last_masks is None or self.last_reference is None or self.last_images is None:
+            return {}
+        reference = self.last_reference.detach().float()
+        tuned = mask_overlay(self.last_images.detach().float(), self.last_masks.to(reference.device))
+        return {"mask_overlay": torch.stack([reference, tuned], dim=1)}
 
     # ------------------------------------------------------------------------------------------ loss
     def forward(self, backbone, batch: PromptBatch, seed: int) -> ObjectiveOutput:

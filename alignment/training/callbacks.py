@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -52,7 +53,9 @@ class MetricsFile(L.Callback):
 
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and before the first step) sample the validation prompts with fixed seeds and save
-    a grid (rows = prompts, columns = seeds) to ``samples/step_XXXXXX.png``, logging it to W&B when active.
+    a grid (rows = prompts, columns = seeds) to ``samples/step_XXXXXX.png``, logging it to W&B when active. With it,
+    the objective's ``visuals()`` (images of its own, e.g. mask overlays; none by default) are saved as
+    ``samples/<name>_step_XXXXXX.png`` and logged under ``<name>`` (docs/contract.md#objectives).
 
     The objective's conditioner (if any) conditions the samples, with ``extras`` (one value per prompt) as its
     per-sample inputs (an extra it does not give is None). Under FSDP every process samples the same grid — a
@@ -116,6 +119,37 @@ class SampleGrid(L.Callback):
             if hasattr(logger, "log_image"):  # WandbLogger
                 logger.log_image(key="samples", images=[grid], step=trainer.global_step,
                                  caption=[" | ".join(self.prompts)])
+        self._save_visuals(trainer, pl_module)
+
+    def _save_visuals(self, trainer, pl_module) -> None:
+        """The objective's ``visuals()``, each tiled into one image, saved and logged beside the grid (rank 0)."""
+        visuals = getattr(pl_module.objective, "visuals", None)
+        for name, images in ((visuals() if visuals is not None else None) or {}).items():
+            if not isinstance(name, str) or not VISUAL_NAME.fullmatch(name):
+                raise ValueError(f"objective.visuals(): names must be letters, digits, '_', '.', '-', got {name!r}")
+            image = visual_image(images, name)
+            save_png(image, self.folder / f"{name}_step_{trainer.global_step:06d}.png")
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):  # WandbLogger
+                    logger.log_image(key=name, images=[image], step=trainer.global_step)
+
+
+VISUAL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def visual_image(images, name: str = "visual"):
+    """One PIL image from an objective's visual in [0, 1]: (3, H, W), a row (N, 3, H, W) or a grid (rows, columns,
+    3, H, W), tiled row by row."""
+    images = images.detach().float()
+    if images.ndim == 3:
+        images = images[None, None]
+    elif images.ndim == 4:
+        images = images[None]
+    if images.ndim != 5 or images.shape[2] != 3 or images.shape[0] * images.shape[1] == 0:
+        raise ValueError(f"objective.visuals()[{name!r}] must be (3, H, W), (N, 3, H, W) or (rows, columns, 3, H, W) "
+                         f"images, got shape {tuple(images.shape)}")
+    rows, columns = images.shape[:2]
+    return image_grid(to_pil(images.reshape(rows * columns, *images.shape[2:])), columns=columns)
 
 
 def is_sharded(trainer) -> bool:
