@@ -431,6 +431,7 @@ TINY_RUN = ("backbone=tiny", "dataset=prompts", "dataset.batch_size=2", "trainer
     ("focus_n_fix", ("scorers=toy_artifacts", "method.reward=toy_artifacts", "method.mask=heatmap")),
     ("focus_n_fix", ("scorers=toy_contrast", "method.reward=toy_contrast", "method.mask=saliency", "method.beta=0.1")),
 ])
+@pytest.mark.slow   # a python -m alignment.* subprocess end to end
 def test_two_training_steps_on_the_tiny_backbone(tmp_path, prompt_file, method, extra):
     run = tmp_path / "run"
     proc = run_cli("alignment.run", *FAST_RUN, f"method={method}", *TINY_RUN, f"dataset.source={prompt_file}",
@@ -446,6 +447,7 @@ def test_two_training_steps_on_the_tiny_backbone(tmp_path, prompt_file, method, 
     assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.slow   # a python -m alignment.* subprocess end to end
 def test_a_focus_n_fix_run_saves_and_logs_its_mask_overlays(tmp_path, prompt_file):
     """The objective's visuals() go beside the sample grid: samples/mask_overlay_step_XXXXXX.png at every grid after
     the first step (rows = the last batch's images, columns = reference | tuned image with the mask tinted)."""

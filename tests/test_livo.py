@@ -197,6 +197,7 @@ def test_export_reloads_with_clip_text_model(livo_run, backbone):
     assert all(torch.equal(conditioner.state_dict()[k], v) for k, v in stored.items())
 
 
+@pytest.mark.slow   # a python -m alignment.* subprocess end to end
 def test_generate_with_the_run_no_value_prompts_match_the_base(livo_run, tmp_path):
     prompts = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "a red circle on a white background"},
                                                     {"prompt": "a blue square on a white background",

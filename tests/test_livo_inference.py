@@ -91,6 +91,7 @@ def test_mixed_batch_value_free_images_equal_the_base(livo_run):  # noqa: F811
 
 
 # ------------------------------------------------------------------------------------------------ generate
+@pytest.mark.slow   # a python -m alignment.* subprocess end to end
 def test_generate_with_the_lexicon_retriever(livo_run, tmp_path):  # noqa: F811
     prompts = _write_prompts(tmp_path / "p.jsonl", ROWS)
     out = tmp_path / "images"
@@ -114,6 +115,7 @@ def test_generate_with_the_lexicon_retriever(livo_run, tmp_path):  # noqa: F811
     assert differs >= 8  # valued images: the value token changes (almost) all of them
 
 
+@pytest.mark.slow   # a python -m alignment.* subprocess end to end
 def test_generate_without_retriever_uses_the_row_value_for_every_seed(livo_run, tmp_path):  # noqa: F811
     prompts = _write_prompts(tmp_path / "p.jsonl", ROWS)
     out = tmp_path / "images"
