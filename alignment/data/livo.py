@@ -22,7 +22,6 @@ the configured set, a label other than 0/1, an image path outside the dataset fo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -48,18 +47,12 @@ SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet")
 def _read_rows(path: Path) -> list[tuple[str, dict]]:
     """(where, row) for every row of a .jsonl or .parquet file; ``where`` is "<file> line <n>" / "<file> row <n>"."""
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        from alignment.data.prompts import jsonl_values
+
+        rows = jsonl_values(path)
+        for where, row in rows:
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, row))
         return rows
     import pyarrow.parquet as pq
 

@@ -43,18 +43,23 @@ def _read_txt(path: Path) -> list[dict]:
     return [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    prompts = []
+def jsonl_values(path: Path) -> list[tuple[str, object]]:
+    """(where, value) for every non-blank line of a JSON-lines file, ``where`` = "<file> line <n>" for messages; a
+    line that is not JSON is a one-line DataError naming it (shared by prompt files and LiVO's data)."""
+    values = []
     for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {line_number}"
         try:
-            value = json.loads(line)
+            values.append((where, json.loads(line)))
         except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg})") from error
-        prompts.append(_record_of(value, where))
-    return prompts
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+    return values
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [_record_of(value, where) for where, value in jsonl_values(path)]
 
 
 def _read_json(path: Path) -> list[dict]:

@@ -57,6 +57,34 @@ def cell_text(cell: dict) -> str:
     return f"{100 * cell['rate']:>8.1f} [{100 * cell['low']:5.1f},{100 * cell['high']:5.1f}] {verdict(cell)}"
 
 
+def driver_main(argv, description: str, runs, run_all, format_summary, data_help: str, override_example: str) -> dict:
+    """The command line shared by the toy-world method drivers (``alignment.toy.balanced``, ``alignment.toy.hg_dpo``):
+    ``--out``, ``--seed``, ``--data-seed``, ``--only`` (a subset of ``runs``), ``--images-per-prompt`` and training
+    overrides; runs ``run_all`` and prints ``format_summary`` of its summary."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (LoRA init, noise)")
+    parser.add_argument("--data-seed", type=int, default=0, help=data_help)
+    parser.add_argument("--only", nargs="*", default=None, help=f"a subset of {', '.join(runs)}")
+    parser.add_argument("--images-per-prompt", type=int, default=8)
+    parser.add_argument("overrides", nargs="*", help=f"training overrides, e.g. {override_example}")
+    args = parser.parse_args(argv)
+    if args.only:  # overrides typed after --only land in it: key=value is an override, anything else a run name
+        args.overrides += [o for o in args.only if "=" in o]
+        args.only = [o for o in args.only if "=" not in o]
+        unknown = [o for o in args.only if o not in runs]
+        if unknown:
+            parser.exit(2, f"error: --only: unknown run {unknown[0]!r} (runs: {', '.join(runs)})\n")
+    try:
+        summary = run_all(Path(args.out), args.seed, args.data_seed, args.only, args.overrides,
+                          args.images_per_prompt)
+    except AlignmentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    print(format_summary(summary))
+    return summary
+
+
 def write_heldout_prompts(path: Path) -> list[str]:
     from alignment.toy.pairs import split_captions
 

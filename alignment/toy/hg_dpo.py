@@ -20,14 +20,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from alignment.toy.demo import cell_text, run_step, write_heldout_prompts
+from alignment.toy.demo import cell_text, driver_main, run_step, write_heldout_prompts
 
 EVAL_SCORERS = ("toy_preference", "toy_colour", "toy_artifacts", "toy_safety")
 RUNS = {"n2": ["dataset.generate.num_images=2", "method.lambda_stat=0"],
@@ -104,30 +102,8 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seed", type=int, default=0, help="training seed (LoRA init, noise)")
-    parser.add_argument("--data-seed", type=int, default=0, help="pool sampling seed (other pools)")
-    parser.add_argument("--only", nargs="*", default=None, help=f"a subset of {', '.join(RUNS)}")
-    parser.add_argument("--images-per-prompt", type=int, default=8)
-    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. method.lambda_stat=1000")
-    args = parser.parse_args(argv)
-    if args.only:  # overrides typed after --only land in it: key=value is an override, anything else a run name
-        args.overrides += [o for o in args.only if "=" in o]
-        args.only = [o for o in args.only if "=" not in o]
-        unknown = [o for o in args.only if o not in RUNS]
-        if unknown:
-            parser.exit(2, f"error: --only: unknown run {unknown[0]!r} (runs: {', '.join(RUNS)})\n")
-    from alignment.errors import AlignmentError
-
-    try:
-        summary = run_all(Path(args.out), args.seed, args.data_seed, args.only, args.overrides,
-                          args.images_per_prompt)
-    except AlignmentError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    print(format_summary(summary))
-    return summary
+    return driver_main(argv, __doc__.splitlines()[0], RUNS, run_all, format_summary,
+                       data_help="pool sampling seed (other pools)", override_example="method.lambda_stat=1000")
 
 
 if __name__ == "__main__":
