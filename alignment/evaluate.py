@@ -54,7 +54,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from alignment.evaluation.plan import build_plan
     from alignment.evaluation.prompt_filter import describe_summary
     from alignment.evaluation.report import log_to_logger, render_report
-    from alignment.evaluation.scoring import evaluate_models, finite, load_metric_models
+    from alignment.evaluation.scoring import evaluate_models, finite, load_metric_models, write_problem_masks
     from alignment.files import atomic_write_text
     from alignment.loggers import build_logger
     from alignment.runs import describe_backbone
@@ -81,6 +81,8 @@ def evaluate(cfg: DictConfig) -> dict:
     for scorer in scorers.values():
         scorer.to(device)
     folders = {name: cache.folder for name, cache in caches.items()}
+    if plan.change["mask_from"]:  # masks made by a scorer from the reference's images, before any metric reads them
+        plan.change["mask"] = write_problem_masks(plan, folders[plan.reference], scorers)
     evaluation = evaluate_models(plan, folders, scorers, metric_models)
 
     # 3. Outputs.

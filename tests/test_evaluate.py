@@ -295,6 +295,17 @@ def test_report_is_self_contained_and_escapes_prompts(evaluated):
     assert "Win rates" in body and "clip" in body and "Colour shift" in body and "FID" in body
 
 
+def test_reward_delta_is_the_paired_mean_difference_with_an_interval(evaluated):
+    scores = strict_json(evaluated["out"] / "scores.json")["scores"]
+    delta = evaluated["metrics"]["reward_delta"]
+    assert delta["reference"] == "base" and set(delta["models"]) == {"dpo", "half"}
+    for model in ("dpo", "half"):
+        for scorer, cell in delta["models"][model].items():
+            own, base = torch.tensor(scores[model][scorer]), torch.tensor(scores["base"][scorer])
+            assert cell["value"] == pytest.approx(float((own - base).mean(1).mean()), abs=1e-9)
+            assert cell["low"] <= cell["value"] <= cell["high"] and cell["num_prompts"] == len(PROMPTS)
+
+
 def test_rerun_with_other_metrics_generates_nothing(evaluated, monkeypatch, tmp_path):
     from alignment.evaluate import evaluate
 
@@ -407,6 +418,11 @@ def test_fid_and_inception_score_with_inception_weight_file(evaluated, tmp_path)
     (["images_per_prompt=2", "+scorers.judge._target_=x", "metrics.toxicity.enabled=true",
       "metrics.toxicity.judge=judge", "metrics.toxicity.incomplete=some"], "metrics.toxicity.incomplete must be", []),
     (["prompt_list=[]"], "prompt_list: empty", []),
+    (["metrics.change.mask=heatmap:toy_safety"], "metrics.change.mask: unknown scorer 'toy_safety'", []),
+    (["scorers=[clip]", "metrics.change.mask=heatmap:clip"], "metrics.change.mask: 'heatmap:clip' needs a scorer "
+     "with a heatmap", ["saliency:clip"]),
+    (["scorers=[toy_safety]", "metrics.change.mask=heatmap:toy_safety", "+metrics.change.mask_options.dilaton=2"],
+     "metrics.change.mask_options.dilaton: unknown key", ["dilation"]),
 ])
 def test_config_errors_are_one_line_and_name_the_key(tmp_path, overrides, start, names):
     from alignment.evaluation.plan import build_plan

@@ -196,14 +196,35 @@ def _winrate(node, scorer_names, exclude) -> dict:
             "seed": integer(node.get("seed", 0), f"{key}.seed"), "scorers": names, "reduce": str(reduce)}
 
 
-def _change(node, prompts, seeds) -> dict:
+def _mask_from_scorer(value, options, scorers_node, scorer_names: list[str]) -> dict | None:
+    """``metrics.change.mask: heatmap:<scorer>`` / ``saliency:<scorer>`` -> {source, scorer, pipeline}: masks made
+    from the reference model's images by that scorer (docs/evaluation.md#masks-from-a-scorer); None for a path."""
+    from alignment.scorers.base import scorer_class
+    from alignment.scorers.masks import build_mask_pipeline, has_heatmap
+
+    key = "metrics.change.mask"
+    if not isinstance(value, str) or value.split(":", 1)[0] not in ("heatmap", "saliency") or ":" not in value:
+        return None
+    source, name = value.split(":", 1)
+    name = scorer_name_check(name, key, scorer_names)
+    cls = scorer_class(scorers_node[name])
+    if source == "heatmap" and cls is not None and not has_heatmap(cls):
+        raise ConfigError(f"{key}: {value!r} needs a scorer with a heatmap, but {name!r} ({cls.__name__}) gives "
+                          f"none (use saliency:{name}, or a heatmap scorer)")
+    return {"source": source, "scorer": name,
+            "pipeline": build_mask_pipeline(options, source, "metrics.change.mask_options")}
+
+
+def _change(node, prompts, seeds, scorers_node=None, scorer_names=()) -> dict:
     key = "metrics.change"
     enabled = boolean(node.get("enabled", True), f"{key}.enabled")
-    out = {"enabled": enabled, "mask": None, "lpips_net": str(node.get("lpips_net", "alex")),
+    out = {"enabled": enabled, "mask": None, "mask_from": None, "lpips_net": str(node.get("lpips_net", "alex")),
            "lpips_backbone_weights": None, "lpips_weights": None}
     if not enabled:
         return out
-    mask = existing_path(node.get("mask"), f"{key}.mask", kind="any")
+    out["mask_from"] = _mask_from_scorer(node.get("mask"), node.get("mask_options"), scorers_node,
+                                         list(scorer_names))
+    mask = None if out["mask_from"] else existing_path(node.get("mask"), f"{key}.mask", kind="any")
     if mask is not None and mask.is_dir():
         for i in range(len(prompts)):
             for seed in seeds:
@@ -359,6 +380,9 @@ def build_plan(cfg: DictConfig) -> Plan:
     winrate = _winrate(_node(metrics, "winrate"), scorer_names, exclude)
     color_shift = boolean(metrics.get("color_shift", True), "metrics.color_shift")
     fid = _fid(_node(metrics, "fid"), scorer_names)
+    change_node = _node(metrics, "change")
+    if boolean(change_node.get("enabled", True), "metrics.change.enabled"):  # a scorer-made mask: checked early
+        _mask_from_scorer(change_node.get("mask"), change_node.get("mask_options"), scorers_node, scorer_names)
     inception_score = _inception_score(_node(metrics, "inception_score"))
     report = _node(cfg, "report")
     report = {"enabled": boolean(report.get("enabled", True), "report.enabled"),
@@ -373,6 +397,7 @@ def build_plan(cfg: DictConfig) -> Plan:
         finally:
             prompt_filter.release()
     prompts = [r["prompt"] for r in records]
+    change = _change(change_node, prompts, seeds, scorers_node, scorer_names)
     extras = record_extras(records, dict.fromkeys(name for r in records for name in r if name != "prompt"))
     image_values = None
     if retriever is not None and not any("value" in spec.conditioner_extras for spec in models.values()):
@@ -387,7 +412,7 @@ def build_plan(cfg: DictConfig) -> Plan:
         batch_size=batch_size,
         score_batch_size=score_batch_size, image_dir=Path(str(cfg.image_dir)).expanduser(),
         output_dir=Path(str(cfg.output_dir)).expanduser(), scorer_names=scorer_names,
-        winrate=winrate, color_shift=color_shift, change=_change(_node(metrics, "change"), prompts, seeds),
+        winrate=winrate, color_shift=color_shift, change=change,
         fid=fid, inception_score=inception_score, clip_score=clip_score, bias=bias, toxicity=toxicity,
         report=report, prompt_filter=filter_summary, retriever=retriever, image_values=image_values,
     )

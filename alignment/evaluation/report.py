@@ -126,6 +126,19 @@ def metrics_sections(metrics: dict) -> str:
                 for m, v in cs["hsv_means"].items()]
         parts.append(f"<h2>Colour shift vs {esc(cs['reference'])} (HG-DPO)</h2>"
                      + table(["model", "mean H", "mean S", "mean V", "&Delta;H %", "&Delta;S %", "&Delta;V %"], rows))
+    if metrics.get("reward_delta", {}).get("models"):
+        rd = metrics["reward_delta"]
+        names = list(next(iter(rd["models"].values())))
+
+        def cell(v):
+            interval = (f' <span class=muted>[{fmt(v["low"])}, {fmt(v["high"])}]</span>'
+                        if v["low"] is not None and v["high"] is not None else "")
+            return f'{fmt(v["value"])}{interval}'
+
+        rows = [[esc(m)] + [cell(per[n]) for n in names] for m, per in rd["models"].items()]
+        parts.append(f"<h2>&Delta;score vs {esc(rd['reference'])} (same seeds, mean over prompts, "
+                     f"{int(100 * rd['confidence'])} % interval)</h2>" + table(["model"] + [esc(n) for n in names],
+                                                                              rows))
     if "change" in metrics and metrics["change"]["models"]:
         ch = metrics["change"]
         keys = list(next(iter(ch["models"].values())))
@@ -255,8 +268,8 @@ def flat_scalars(metrics: dict) -> dict[str, float]:
         elif isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
             out[prefix] = float(node)
 
-    for group in ("mean_scores", "clip_score", "color_shift", "change", "fid", "inception_score", "bias",
-                  "toxicity"):
+    for group in ("mean_scores", "reward_delta", "clip_score", "color_shift", "change", "fid", "inception_score",
+                  "bias", "toxicity"):
         if group in metrics:
             node = metrics[group]
             if group == "mean_scores":

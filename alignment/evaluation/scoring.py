@@ -63,6 +63,36 @@ def read_images(paths: list[Path]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def write_problem_masks(plan: Plan, reference_folder: Path, scorers: dict) -> Path:
+    """``metrics.change.mask: heatmap:<scorer>`` / ``saliency:<scorer>``: one binary mask per image of the reference
+    model, made by that scorer through the mask pipeline (``alignment.scorers.masks.problem_masks``), written as
+    ``<output_dir>/masks/<prompt:05d>_seed<seed>.png`` (white = the problem region) and a tinted ``overlay_*.png``
+    beside each; returns the folder (docs/evaluation.md#masks-from-a-scorer)."""
+    from alignment.files import image_name, save_png
+    from alignment.sampling.sample import to_pil
+    from alignment.scorers.masks import mask_overlay, problem_masks
+
+    spec = plan.change["mask_from"]
+    scorer = scorers[spec["scorer"]]
+    folder = plan.output_dir / "masks"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, p, s) for i, p in enumerate(plan.prompts) for s in plan.seeds]
+    fractions = []
+    for start in range(0, len(jobs), plan.score_batch_size):
+        batch = jobs[start:start + plan.score_batch_size]
+        images = read_images([reference_folder / image_name(i, s) for i, _, s in batch])
+        masks = problem_masks(scorer, images.to(scorer.device, scorer.dtype), [p for _, p, _ in batch],
+                              spec["source"], spec["pipeline"]).float().cpu()
+        fractions += masks.flatten(1).mean(1).tolist()
+        overlays = to_pil(mask_overlay(images, masks))
+        for (i, _, s), mask, overlay in zip(batch, to_pil(masks.expand(-1, 3, -1, -1)), overlays):
+            save_png(mask.convert("L"), folder / image_name(i, s))
+            save_png(overlay, folder / f"overlay_{image_name(i, s)}")
+    print(f"masks ({spec['source']}:{spec['scorer']}, from the {plan.reference} images): {len(jobs)} in {folder}, "
+          f"mean area {100 * sum(fractions) / max(1, len(fractions)):.1f} %")
+    return folder
+
+
 def read_mask(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """A mask image -> (H, W) weights in [0, 1] at the image size (grey levels; resized bilinearly if needed)."""
     from PIL import Image
@@ -270,7 +300,7 @@ def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_
     from alignment.metrics.bias import bias_metrics
     from alignment.metrics.fid import fid, inception_score
     from alignment.metrics.toxicity import toxicity_metrics
-    from alignment.metrics.winrate import win_rate_table
+    from alignment.metrics.winrate import mean_difference, win_rate_table
 
     passes = {}
     for model in plan.models:
@@ -295,6 +325,13 @@ def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_
                            "rows": [{k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()}
                                     for row in rows]}
 
+    if plan.others:  # Δscore against the reference on the same seeds, every scorer (Focus-N-Fix's Δreward)
+        ref_scores = passes[plan.reference]["scores"]
+        metrics["reward_delta"] = {
+            "reference": plan.reference, "num_bootstrap": wr["num_bootstrap"], "confidence": wr["confidence"],
+            "models": {m: {name: {k: (finite(v) if isinstance(v, float) else v) for k, v in mean_difference(
+                passes[m]["scores"][name], ref_scores[name], wr["num_bootstrap"], wr["seed"],
+                wr["confidence"]).items()} for name in ref_scores} for m in plan.others}}
     if plan.clip_score is not None:
         metrics["clip_score"] = {"scorer": plan.clip_score,
                                  "models": {m: finite(r["scores"][plan.clip_score].double().mean())

@@ -113,6 +113,22 @@ def _bootstrap_interval(outcomes: torch.Tensor, num_bootstrap: int, seed: int,
     return float(q[0]), float(q[1])
 
 
+def mean_difference(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
+                    confidence: float = 0.95) -> dict:
+    """Focus-N-Fix's Δreward of A against B on the same seeds (docs/evaluation.md#reward-change): per prompt the mean
+    over its k images of ``score_A − score_B`` (image j of both from the same start noise), then the mean over
+    prompts, with a percentile bootstrap interval over prompts. Returns {value, low, high, num_prompts}; an
+    interval above 0 means A raised the score beyond the prompts' noise."""
+    a, b = _as_scores(scores_a, "scores_a"), _as_scores(scores_b, "scores_b")
+    if a.shape != b.shape:
+        raise ValueError(f"scores_a {tuple(a.shape)} and scores_b {tuple(b.shape)} must have the same shape")
+    per_prompt = (a - b).mean(dim=1)
+    low = high = None
+    if num_bootstrap > 0 and per_prompt.numel() > 1:
+        low, high = _bootstrap_interval(per_prompt, num_bootstrap, seed, confidence)
+    return {"value": float(per_prompt.mean()), "low": low, "high": high, "num_prompts": int(per_prompt.numel())}
+
+
 def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
              confidence: float = 0.95, reduce: str = "best") -> WinRate:
     """Win rate of model A over model B with a percentile bootstrap interval over prompts (docs/evaluation.md#win-rate).

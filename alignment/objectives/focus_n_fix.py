@@ -28,14 +28,8 @@ import torch
 from alignment.errors import ConfigError
 from alignment.objectives.base import ObjectiveOutput, PromptBatch
 from alignment.objectives.draft import DRaFT, _finite, parse_reward
-from alignment.scorers.masks import MASK_SOURCES, MaskPipeline, has_heatmap, heatmap_map, mask_overlay, \
-    regional_penalty, saliency_map
-
-# ``mask_options`` left null take the map's own default: saliency maps are smoothed (kernel 16 at 512 px) and cut at
-# the percentile; heatmaps are already localised maps in [0, 1], not smoothed and cut at an absolute level.
-AUTO_OPTIONS = {"saliency": {"smoothing_kernel": 16, "threshold": "percentile"},
-                "heatmap": {"smoothing_kernel": 0, "threshold": 0.5}}
-
+from alignment.scorers.masks import MASK_SOURCES, build_mask_pipeline, has_heatmap, mask_overlay, problem_masks, \
+    regional_penalty
 
 class FocusNFix(DRaFT):
     """Focus-N-Fix (module docstring). Logs ``reward``, ``penalty`` (the mean constraint norm), ``objective`` (J's
@@ -62,7 +56,7 @@ class FocusNFix(DRaFT):
             mask_scorer = reward_names[0]
         if mask_options is not None and not isinstance(mask_options, dict):
             raise ConfigError(f"method.mask_options must be a mapping, got {mask_options!r}")
-        pipeline = _build_pipeline(mask_options or {}, mask)
+        pipeline = build_mask_pipeline(mask_options or {}, mask, "method.mask_options")
         super().__init__(reward=reward, grad_steps=grad_steps, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, truncation=truncation, negative_prompt=negative_prompt,
                          checkpointing=checkpointing)
@@ -92,19 +86,14 @@ class FocusNFix(DRaFT):
                               f"{name!r} ({kind}) gives none (use method.mask=saliency, or a heatmap scorer)")
 
     # ------------------------------------------------------------------------------------------ mask
-    def mask_map(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        """The map (B, H, W) the mask is cut from, for reference images in [0, 1]."""
-        if self.mask == "heatmap":
-            return heatmap_map(self.frozen(self.mask_scorer), images, prompts)
-        if self.mask_scorer is not None:
-            return saliency_map(self.frozen(self.mask_scorer), images, prompts)
-        return saliency_map(lambda x, p: self.reward(x, p)[0], images, prompts)
-
     def make_masks(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        """Binary masks (B, 1, H, W) for reference images (B, 3, H, W); all ones for ``mask: ones``."""
-        if self.mask == "ones":
-            return torch.ones_like(images[:, :1])
-        return self.mask_pipeline(self.mask_map(images, prompts)).to(images.device)
+        """Binary masks (B, 1, H, W) for reference images (B, 3, H, W); all ones for ``mask: ones``. Saliency without
+        a ``mask_scorer`` is that of the weighted reward itself."""
+        if self.mask_scorer is not None:
+            scorer = self.frozen(self.mask_scorer)
+        else:
+            scorer = lambda x, p: self.reward(x, p)[0]  # noqa: E731 - the reward's own saliency
+        return problem_masks(scorer, images, prompts, self.mask, self.mask_pipeline)
 
     # ------------------------------------------------------------------------------------------ display
     def visuals(self) -> dict[str, torch.Tensor]:
@@ -133,22 +122,3 @@ class FocusNFix(DRaFT):
         logs.update({"penalty": penalty.mean().detach(), "objective": objective.mean().detach(),
                      "mask_fraction": masks.float().mean().detach()})
         return ObjectiveOutput(-objective.mean(), logs)
-
-
-def _build_pipeline(options: dict, source: str) -> MaskPipeline:
-    """``method.mask_options`` -> a MaskPipeline for maps of ``source``: an unknown knob is named; ``smoothing_kernel``
-    and ``threshold`` left null take the source's default (``AUTO_OPTIONS``); ``threshold: percentile`` cuts at the
-    percentile whatever the source."""
-    import inspect
-
-    accepted = [name for name in inspect.signature(MaskPipeline.__init__).parameters if name not in ("self", "key")]
-    for name in options:
-        if name not in accepted:
-            raise ConfigError(f"method.mask_options.{name}: unknown key (accepted: {', '.join(accepted)})")
-    options = dict(options)
-    for name, default in AUTO_OPTIONS.get(source, AUTO_OPTIONS["saliency"]).items():
-        if options.get(name) is None:
-            options[name] = default
-    if options["threshold"] == "percentile":
-        options["threshold"] = None
-    return MaskPipeline(**options, key="method.mask_options")

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from alignment.errors import ConfigError
 
-__all__ = ["MASK_SOURCES", "MaskPipeline", "connected_regions", "dilate", "gaussian_smooth", "has_heatmap",
-           "heatmap_map", "keep_main_regions", "mask_overlay", "regional_penalty", "saliency_map", "scaled_size"]
+__all__ = ["AUTO_OPTIONS", "MASK_SOURCES", "MaskPipeline", "build_mask_pipeline", "connected_regions", "dilate", "gaussian_smooth", "has_heatmap",
+           "heatmap_map", "keep_main_regions", "mask_overlay", "problem_masks", "regional_penalty", "saliency_map",
+           "scaled_size"]
 
 MASK_SOURCES = ("saliency", "heatmap", "ones")
 
@@ -205,6 +206,51 @@ class MaskPipeline:
             binary = smooth > level
         binary = keep_main_regions(binary, self.min_region_fraction, self.max_regions)
         return dilate(binary, radius).float()[:, None]
+
+
+# Knobs left null take the map's own default: saliency maps are smoothed (kernel 16 at 512 px) and cut at the
+# percentile; heatmaps are already localised maps in [0, 1], not smoothed and cut at an absolute level.
+AUTO_OPTIONS = {"saliency": {"smoothing_kernel": 16, "threshold": "percentile"},
+                "heatmap": {"smoothing_kernel": 0, "threshold": 0.5}}
+
+
+def build_mask_pipeline(options, source: str, key: str) -> MaskPipeline:
+    """A config node of ``MaskPipeline`` knobs -> the pipeline for maps of ``source`` (heatmap / saliency): an unknown
+    knob is named (``key.<knob>``); ``smoothing_kernel`` and ``threshold`` left null take the source's default
+    (``AUTO_OPTIONS``); ``threshold: percentile`` cuts at the percentile whatever the source."""
+    import inspect
+
+    if options is None:
+        options = {}
+    if not hasattr(options, "items"):
+        raise ConfigError(f"{key} must be a mapping of mask knobs, got {options!r}")
+    accepted = [name for name in inspect.signature(MaskPipeline.__init__).parameters if name not in ("self", "key")]
+    for name in options:
+        if name not in accepted:
+            raise ConfigError(f"{key}.{name}: unknown key (accepted: {', '.join(accepted)})")
+    options = dict(options)
+    for name, default in AUTO_OPTIONS.get(source, AUTO_OPTIONS["saliency"]).items():
+        if options.get(name) is None:
+            options[name] = default
+    if options["threshold"] == "percentile":
+        options["threshold"] = None
+    return MaskPipeline(**options, key=key)
+
+
+def problem_masks(scorer, images: torch.Tensor, prompts: Sequence[str], source: str,
+                  pipeline: MaskPipeline) -> torch.Tensor:
+    """Binary masks (B, 1, H, W) of where ``scorer`` finds images (B, 3, H, W) in [0, 1] problematic: its heatmap
+    (``source="heatmap"``) or the gradient saliency of its score (``"saliency"``), through ``pipeline``. ``ones`` gives
+    all-ones masks. Shared by Focus-N-Fix's training masks, evaluation masks and masked reward guidance."""
+    if source == "ones":
+        return torch.ones_like(images[:, :1])
+    if source == "heatmap":
+        maps = heatmap_map(scorer, images, prompts)
+    elif source == "saliency":
+        maps = saliency_map(scorer, images, prompts)
+    else:
+        raise ValueError(f"mask source must be one of {', '.join(MASK_SOURCES)}, got {source!r}")
+    return pipeline(maps).to(images.device)
 
 
 # ------------------------------------------------------------------------------------------------ use
