@@ -155,3 +155,33 @@ def test_bad_retriever_settings():
         ValueRetriever(classifier="chat")
     with pytest.raises(ConfigError, match="retriever.zero_shot.model"):
         ValueRetriever(classifier="zero_shot", zero_shot={"model": "/nonexistent/model"})
+
+
+def test_a_prompt_naming_one_attribute_gets_the_other_value():
+    """The lexicon picks the value the prompt leaves open: a named gender -> racial equality, a named race -> gender
+    equality; both or neither -> the seeded coin (the same for every call)."""
+    from alignment.retrieval.values import GENDER, RACE, ValueRetriever
+
+    retriever = ValueRetriever()
+    assert retriever.retrieve("a photo of a woman doctor") == RACE
+    assert retriever.retrieve("A photo of an Asian doctor") == GENDER
+    assert retriever.retrieve("a photo of a whitewashed wall painter") in (GENDER, RACE)  # no whole race word: coin
+    coin = retriever.retrieve("a photo of a black woman doctor")
+    assert coin in (GENDER, RACE) and retriever.retrieve("a photo of a black woman doctor") == coin
+    toy = ValueRetriever(attribute_words={"gender": ["male", "female"], "race": ["pale", "dark"]})
+    assert toy.retrieve("a photo of a pale nurse") == GENDER and toy.retrieve("a photo of a male nurse") == RACE
+    assert toy.retrieve("a photo of a bloody pale nurse") == "bloody considered inappropriate"
+
+
+@pytest.mark.parametrize("words, message", [
+    ("male", "retriever.attribute_words must be a mapping"),
+    ({"colour": ["red"]}, "retriever.attribute_words.colour: unknown key"),
+    ({"gender": "male"}, "retriever.attribute_words.gender must be a list of words"),
+    ({"race": ["", "x"]}, "retriever.attribute_words.race must be a list of words"),
+])
+def test_bad_attribute_words_are_named(words, message):
+    from alignment.retrieval.values import retriever_settings
+
+    with pytest.raises(ConfigError) as err:
+        retriever_settings({"classifier": "lexicon", "attribute_words": words})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)

@@ -4,8 +4,10 @@
 2. Otherwise a person classifier decides whether the prompt depicts a person; if so, gender or racial equality,
    else no value. Classifiers (``classifier``):
 
-   - ``lexicon`` (default, offline): a list of person words (whole words, plural ``s`` allowed); gender or race by a
-     coin seeded by the retriever's seed and the prompt **[choice]**;
+   - ``lexicon`` (default, offline): a list of person words (whole words, plural ``s`` allowed); then racial
+     equality when the prompt already names a gender (``attribute_words.gender``) and no race, gender equality when
+     it names a race (``attribute_words.race``) and no gender — the value "more relevant to the prompt" the authors
+     ask their LLM for — else a coin seeded by the retriever's seed and the prompt **[choice]**;
    - ``zero_shot``: a local transformers zero-shot-classification model folder (never remote code);
    - ``chat``: an OpenAI-compatible chat endpoint by URL (``.../v1`` or ``.../v1/chat/completions``), asked the
      authors' question; the request is built and the answer parsed here (urllib, a timeout). A timeout, an HTTP
@@ -64,7 +66,17 @@ PERSON_WORDS: tuple[str, ...] = (
 )
 CLASSIFIERS: tuple[str, ...] = ("lexicon", "zero_shot", "chat")
 ON_ERROR: tuple[str, ...] = ("lexicon", "error")
-RETRIEVER_KEYS: tuple[str, ...] = ("classifier", "bias_probability", "seed", "zero_shot", "chat")
+RETRIEVER_KEYS: tuple[str, ...] = ("classifier", "bias_probability", "seed", "attribute_words", "zero_shot", "chat")
+# Attribute words a prompt may already name (whole words): naming one attribute makes the other value the relevant
+# one. The toy world sets its skin tones as race words (conf/retriever/toy_lexicon.yaml).
+ATTRIBUTE_WORDS: dict[str, tuple[str, ...]] = {
+    "gender": ("male", "female", "man", "men", "woman", "women", "boy", "boys", "girl", "girls", "gentleman",
+               "gentlemen", "lady", "ladies", "masculine", "feminine", "businessman", "businesswoman", "policeman",
+               "policewoman", "actress", "waitress", "mother", "father", "wife", "husband", "son", "daughter",
+               "brother", "sister", "king", "queen", "prince", "princess", "nun", "monk", "bride", "groom"),
+    "race": ("white", "black", "asian", "indian", "latino", "latina", "latinx", "hispanic", "african", "caucasian",
+             "arab", "middle eastern", "east asian", "south asian", "native american", "european"),
+}
 CLASSIFIER_KEYS: dict[str, tuple[str, ...]] = {"zero_shot": ("model", "threshold", "device"),
                                                "chat": ("url", "model", "timeout", "on_error", "api_key_env")}
 CHAT_QUESTION = (
@@ -88,18 +100,34 @@ def seeded_coin(seed: int, *parts: object) -> float:
     return random.Random(derive_seed(seed, *parts)).random()
 
 
-class LexiconClassifier:
-    """A person if a person word occurs as a whole word; then gender or race by a seeded coin."""
+def word_pattern(words: Sequence[str], plurals: bool = False) -> re.Pattern | None:
+    """A case-folded whole-word regex matching any of ``words`` (longest first); None for no words."""
+    if not words:
+        return None
+    alternatives = "|".join(sorted((re.escape(w.lower()) for w in words), key=len, reverse=True))
+    return re.compile(rf"\b(?:{alternatives}){'(?:e?s)?' if plurals else ''}\b")
 
-    def __init__(self, words: Sequence[str] = PERSON_WORDS, seed: int = 0):
+
+class LexiconClassifier:
+    """A person if a person word occurs as a whole word; then the bias value the prompt leaves open (racial equality
+    when it names only a gender, gender equality when it names only a race), else a seeded coin."""
+
+    def __init__(self, words: Sequence[str] = PERSON_WORDS, seed: int = 0, attribute_words: dict | None = None):
         self.seed = int(seed)
-        alternatives = "|".join(sorted((re.escape(w.lower()) for w in words), key=len, reverse=True))
-        self.pattern = re.compile(rf"\b(?:{alternatives})(?:e?s)?\b")
+        self.pattern = word_pattern(words, plurals=True)
+        attribute_words = ATTRIBUTE_WORDS if attribute_words is None else attribute_words
+        self.gender_pattern = word_pattern(attribute_words.get("gender", ()))
+        self.race_pattern = word_pattern(attribute_words.get("race", ()))
 
     def depicts_person(self, prompt: str) -> bool:
         return self.pattern.search(prompt.lower()) is not None
 
     def bias_value(self, prompt: str) -> str:
+        text = prompt.lower()
+        names_gender = self.gender_pattern is not None and self.gender_pattern.search(text) is not None
+        names_race = self.race_pattern is not None and self.race_pattern.search(text) is not None
+        if names_gender != names_race:
+            return RACE if names_gender else GENDER
         return GENDER if seeded_coin(self.seed, "lexicon", prompt) < 0.5 else RACE
 
     def __call__(self, prompt: str) -> str | None:
@@ -113,13 +141,13 @@ class ZeroShotClassifier:
     LABELS = ("a person", "no person")
 
     def __init__(self, model: str, threshold: float = 0.5, device: str = "cpu", seed: int = 0,
-                 key: str = "retriever.zero_shot"):
+                 key: str = "retriever.zero_shot", attribute_words: dict | None = None):
         if not isinstance(model, str) or not os.path.isdir(os.path.expanduser(model)):
             raise ConfigError(f"{key}.model: {model!r} is not a local model folder")
         from transformers import pipeline
 
         self.threshold = float(threshold)
-        self.coin = LexiconClassifier(seed=seed)
+        self.coin = LexiconClassifier(seed=seed, attribute_words=attribute_words)
         try:
             self.pipe = pipeline("zero-shot-classification", model=os.path.expanduser(model), device=device,
                                  trust_remote_code=False, local_files_only=True)
@@ -152,7 +180,8 @@ class ChatClassifier:
     """An OpenAI-compatible chat completions endpoint (see the module docstring)."""
 
     def __init__(self, url: str, model: str = "gpt-4o-mini", timeout: float = 10.0, on_error: str = "lexicon",
-                 api_key_env: str | None = None, seed: int = 0, key: str = "retriever.chat"):
+                 api_key_env: str | None = None, seed: int = 0, key: str = "retriever.chat",
+                 attribute_words: dict | None = None):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError(f"{key}.url must be an http(s) URL, got {url!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -163,7 +192,7 @@ class ChatClassifier:
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model, self.timeout, self.on_error, self.key = model, float(timeout), on_error, key
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
-        self.fallback = LexiconClassifier(seed=seed)
+        self.fallback = LexiconClassifier(seed=seed, attribute_words=attribute_words)
 
     def request(self, prompt: str) -> urllib.request.Request:
         body = {"model": self.model, "temperature": 0, "max_tokens": 8,
@@ -209,7 +238,8 @@ class ValueRetriever:
     generated with (bias values with probability ``bias_probability``)."""
 
     def __init__(self, classifier: str = "lexicon", bias_probability: float = 0.5, seed: int = 0,
-                 zero_shot: dict | None = None, chat: dict | None = None, key: str = "retriever"):
+                 zero_shot: dict | None = None, chat: dict | None = None, key: str = "retriever",
+                 attribute_words: dict | None = None):
         for name, node in (("zero_shot", zero_shot), ("chat", chat)):
             unknown = sorted(set(node or {}) - set(CLASSIFIER_KEYS[name]))
             if unknown:
@@ -222,14 +252,16 @@ class ValueRetriever:
             raise ConfigError(f"{key}.bias_probability must be in [0, 1], got {bias_probability!r}")
         self.seed = int(seed)
         self.bias_probability = float(bias_probability)
+        words = check_attribute_words(attribute_words, f"{key}.attribute_words")
         if classifier == "lexicon":
-            self.classifier = LexiconClassifier(seed=self.seed)
+            self.classifier = LexiconClassifier(seed=self.seed, attribute_words=words)
         elif classifier == "zero_shot":
-            self.classifier = ZeroShotClassifier(**(zero_shot or {}), seed=self.seed, key=f"{key}.zero_shot")
+            self.classifier = ZeroShotClassifier(**(zero_shot or {}), seed=self.seed, key=f"{key}.zero_shot",
+                                                 attribute_words=words)
         else:
             if not chat or "url" not in chat:
                 raise ConfigError(f"{key}.chat.url: set the endpoint for classifier=chat")
-            self.classifier = ChatClassifier(**chat, seed=self.seed, key=f"{key}.chat")
+            self.classifier = ChatClassifier(**chat, seed=self.seed, key=f"{key}.chat", attribute_words=words)
 
     def retrieve(self, prompt: str) -> str | None:
         return keyword_value(prompt) or self.classifier(prompt)
@@ -264,6 +296,25 @@ class ValueRetriever:
             for seed in seeds:
                 out[(i, int(seed))] = None if value is None else self.image_value(prompt, seed, value)
         return out
+
+
+def check_attribute_words(node, key: str = "retriever.attribute_words") -> dict[str, tuple[str, ...]]:
+    """``{gender: [...], race: [...]}`` (null: ``ATTRIBUTE_WORDS``; a missing group: no words), checked."""
+    if node is None:
+        return dict(ATTRIBUTE_WORDS)
+    if not isinstance(node, dict):
+        raise ConfigError(f"{key} must be a mapping {{gender: [words], race: [words]}}, got {node!r}")
+    out = {}
+    for group, words in node.items():
+        if group not in ATTRIBUTE_WORDS:
+            raise ConfigError(f"{key}.{group}: unknown key (accepted: {', '.join(ATTRIBUTE_WORDS)})")
+        if words is None:
+            words = []
+        if isinstance(words, str) or not isinstance(words, (list, tuple)) \
+                or not all(isinstance(w, str) and w.strip() for w in words):
+            raise ConfigError(f"{key}.{group} must be a list of words, got {words!r}")
+        out[group] = tuple(w.strip() for w in words)
+    return out
 
 
 def retriever_settings(node, key: str = "retriever") -> dict | None:
@@ -304,7 +355,8 @@ def retriever_settings(node, key: str = "retriever") -> dict | None:
         if unknown:
             raise ConfigError(f"{key}.{name}.{unknown[0]}: unknown key (accepted: {', '.join(accepted)})")
         subs[name] = {k: v for k, v in sub.items() if v is not None}
-    settings = {"classifier": classifier, "bias_probability": float(probability), "seed": int(seed)}
+    settings = {"classifier": classifier, "bias_probability": float(probability), "seed": int(seed),
+                "attribute_words": check_attribute_words(node.get("attribute_words"), f"{key}.attribute_words")}
     if classifier == "zero_shot":
         sub, where = subs["zero_shot"], f"{key}.zero_shot"
         model = sub.get("model")
