@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -127,6 +127,43 @@ def mean_difference(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0
     if num_bootstrap > 0 and per_prompt.numel() > 1:
         low, high = _bootstrap_interval(per_prompt, num_bootstrap, seed, confidence)
     return {"value": float(per_prompt.mean()), "low": low, "high": high, "num_prompts": int(per_prompt.numel())}
+
+
+def paired_seed_bootstrap(statistic, model: Sequence, reference: Sequence, num_bootstrap: int = 2000,
+                          seed: int = 0, confidence: float = 0.95) -> dict:
+    """``statistic(per_prompt)`` of a model, of the reference and their difference, each with a percentile bootstrap
+    interval that resamples **images** (seeds) within every prompt — the same seed indices for both models, since
+    image j of both starts from the same noise (a paired comparison; docs/evaluation.md#paired-image-intervals).
+    For metrics defined over a prompt's whole image set (LiVO's D1 / D2, Avg.R), whose noise is that of the n images
+    per prompt rather than of the few prompts.
+
+    ``model`` / ``reference``: one tensor per prompt whose first dimension is the prompt's images (the same count
+    for both). ``statistic`` maps such a list to a float. Returns ``{model, reference, delta}``, each ``{value, low,
+    high}`` (no interval with ``num_bootstrap=0``)."""
+    if len(model) != len(reference) or not model:
+        raise ValueError(f"model and reference need the same number (>= 1) of prompts, got {len(model)} and "
+                         f"{len(reference)}")
+    for i, (a, b) in enumerate(zip(model, reference)):
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"prompt {i}: {a.shape[0]} model images but {b.shape[0]} reference images")
+    own, ref = float(statistic(list(model))), float(statistic(list(reference)))
+    out = {"model": {"value": own, "low": None, "high": None},
+           "reference": {"value": ref, "low": None, "high": None},
+           "delta": {"value": own - ref, "low": None, "high": None}}
+    if num_bootstrap <= 0:
+        return out
+    gen = torch.Generator().manual_seed(int(seed))
+    draws = torch.empty(num_bootstrap, 2, dtype=torch.float64)
+    for r in range(num_bootstrap):
+        index = [torch.randint(0, a.shape[0], (a.shape[0],), generator=gen) for a in model]
+        draws[r, 0] = statistic([a[i] for a, i in zip(model, index)])
+        draws[r, 1] = statistic([b[i] for b, i in zip(reference, index)])
+    alpha = (1.0 - confidence) / 2.0
+    q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
+    for name, values in (("model", draws[:, 0]), ("reference", draws[:, 1]), ("delta", draws[:, 0] - draws[:, 1])):
+        low, high = torch.quantile(values, q).tolist()
+        out[name]["low"], out[name]["high"] = low, high
+    return out
 
 
 def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
