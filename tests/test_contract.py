@@ -581,3 +581,23 @@ def test_reward_through_the_gradient_sampler_raises_the_score_on_its_training_pr
         gains.append(gain)
     run_to_run = abs(means[0] - means[1])
     assert min(gains) > 3 * run_to_run, (gains, run_to_run)
+
+
+def test_a_weighted_sum_shows_every_terms_visuals():
+    from alignment.objectives.base import Objective
+    from alignment.objectives.compose import WeightedSum
+
+    class Shows(Objective):
+        def __init__(self, images: dict):
+            super().__init__()
+            self.images = images
+
+        def visuals(self):
+            return self.images
+
+    a, b, c = torch.zeros(3, 4, 4), torch.ones(3, 4, 4), torch.full((3, 4, 4), 0.5)
+    summed = WeightedSum({"first": Shows({"mask_overlay": a, "own": c}), "second": Shows({"mask_overlay": b}),
+                          "none": Shows({})})
+    shown = summed.visuals()
+    assert set(shown) == {"first.mask_overlay", "second.mask_overlay", "own"}
+    assert shown["first.mask_overlay"] is a and shown["second.mask_overlay"] is b and shown["own"] is c

@@ -112,6 +112,16 @@ class WeightedSum(Objective):
         for term in self.terms.values():
             term.on_optimizer_step_end(backbone, step)
 
+    def visuals(self) -> dict:
+        """Every term's visuals; a name two terms both use is prefixed with the term's name (``<term>.<name>``)."""
+        per_term = {name: term.visuals() for name, term in self.terms.items()}
+        counts: dict[str, int] = {}
+        for images in per_term.values():
+            for key in images:
+                counts[key] = counts.get(key, 0) + 1
+        return {(key if counts[key] == 1 else f"{name}.{key}"): value
+                for name, images in per_term.items() for key, value in images.items()}
+
     def pair_labeller(self):
         # the data has one set of labels: at most one term may relabel it
         labellers = [(name, term.pair_labeller()) for name, term in self.terms.items()]
