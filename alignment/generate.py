@@ -20,6 +20,16 @@ recorded as ``lan: false``. Sampling is the project's ``sample_images`` (or ``sa
 (``ddim`` or ``dpmsolver``): image ``(prompt, seed)`` starts from the noise of ``torch.Generator().manual_seed(seed)``,
 so the same seed gives the same starting noise for every model compared. ``index.jsonl`` records the LoRA scale and
 the LAN switch actually used.
+``sld.preset`` (weak | medium | strong | max; null: off) samples every model with Safe Latent Diffusion's negative
+guidance away from ``sld.concept`` (``alignment.sampling.sld``; needs ``guidance_scale > 1``, not with LAN);
+``index.jsonl`` records its settings (``sld``).
+``reward_guidance.scorer`` (a scorer name or weighted sum, as ``method.reward``; null: off) samples every model with
+Focus-N-Fix's reward-guidance baseline (``alignment.sampling.reward_guidance``,
+docs/methods.md#reward-guidance-baseline): ``ε̂ = ε − λ sqrt(1 − ᾱ_t) clip(∇_{x_t} r(decode(x̂_0)) ⊙ M)`` at every
+step, the mask ``M`` given (an image or a folder, as evaluate's ``metrics.change.mask``) or made by Focus-N-Fix's mask
+pipeline (``heatmap`` / ``saliency``) from the unguided image of the same seed, then written to ``out_dir/masks/`` (not
+with LAN or SLD). ``index.jsonl`` records its settings (``reward_guidance``) and, with a mask, each image's
+``mask_fraction``.
 A conditioner reads its per-image extras (e.g. LiVO's ``value``) from the prompt file's fields of the same name,
 every seed of a row alike. With ``retriever`` set (``retriever=lexicon|zero_shot|chat``, ``alignment.retrieval.values``;
 null: off) and a model whose conditioner reads ``value``, each image's value is the row's ``value`` field if it has
@@ -57,6 +67,7 @@ from alignment.runs import ADAPTER_NAME, load_adapter, resolve_adapter  # noqa: 
 INDEX_NAME = "index.jsonl"
 FILTER_NAME = "prompt_filter.json"  # the safety filter's summary (kept / dropped prompts) when it is on
 GRID_NAME = "grid.png"
+MASK_DIR = "masks"  # reward guidance's masks made from the unguided images (white = guided), as evaluate reads them
 GRID_MAX_ROWS = 64  # grid.png shows at most this many prompts (a PartiPrompts grid would not fit in memory)
 IMAGE_PATTERN = re.compile(r"^\d{5,}_seed-?\d+\.png$")
 
@@ -120,6 +131,27 @@ def filter_prompts(node, records: list[dict]) -> tuple[list[dict], dict | None]:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def guidance_masks(reward_guidance, model, backbone, batch: list, extras: dict, options: dict, out_dir: Path):
+    """The reward-guidance masks (B, 1, H, W) of one batch ``[(prompt_index, record, seed)]``, or None (M = 1):
+    read from the given mask image / folder, or made by the mask pipeline from the unguided images of the same seeds
+    (``model.sample`` as without guidance) and written to ``out_dir/masks/`` (white = the guided region)."""
+    from alignment.files import image_name, save_png
+    from alignment.sampling.sample import to_pil
+
+    prompts, seeds = [r["prompt"] for _, r, _ in batch], [s for _, _, s in batch]
+    if reward_guidance.mask_path is not None:
+        side = [n * backbone.vae_scale_factor for n in backbone.latent_shape[-2:]]
+        return reward_guidance.masks_from_files([i for i, _, _ in batch], seeds, tuple(side))
+    if not reward_guidance.needs_unguided:
+        return None
+    unguided = model.sample(prompts, seeds, extras, **options)
+    masks = reward_guidance.masks_from_images(unguided, prompts)
+    (out_dir / MASK_DIR).mkdir(parents=True, exist_ok=True)
+    for (i, _, seed), mask in zip(batch, to_pil(masks.expand(-1, 3, -1, -1))):
+        save_png(mask.convert("L"), out_dir / MASK_DIR / image_name(i, seed))
+    return masks
+
+
 def image_extras(records: list[dict], seeds: list[int], names, values: dict | None = None) -> dict:
     """``{(prompt_index, seed): {name: value}}``: the extras ``names`` of every image, from the rows' fields of the
     same name, with ``value`` replaced by ``values`` (the retriever's per-image values) when given."""
@@ -150,14 +182,17 @@ def image_values(settings: dict | None, records: list[dict], seeds: list[int], s
 
 
 def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_dir: Path, settings: dict,
-                   grid: bool, batch_size: int, extras: dict | None = None, retriever: dict | None = None) -> dict:
+                   grid: bool, batch_size: int, extras: dict | None = None, retriever: dict | None = None,
+                   safety=None, reward_guidance=None) -> dict:
     """Sample one model (``spec`` applied to the backbone) into ``out_dir``: images, ``grid.png``, ``index.jsonl``.
 
     ``extras`` (``image_extras``: ``{(prompt_index, seed): {name: value}}``, the same for every model of a run) are
     the images' extras; every model gets them, so its batches are split into images with and without one as every
     other model's are (``LoadedModel.sample``), and the conditioner reads those it knows. Default: the rows' fields
     named by this model's conditioner. ``retriever``: its settings, recorded with the images of a model that reads a
-    ``value``."""
+    ``value``. ``safety``: Safe Latent Diffusion (``alignment.sampling.sld.SafetyGuidance``; None: off), recorded as
+    ``settings["sld"]``. ``reward_guidance``: ``alignment.sampling.reward_guidance.RewardGuidance`` (None: off), its
+    settings recorded as ``settings["reward_guidance"]``; masks made from the unguided images go to ``masks/``."""
     import torch
 
     from alignment.runs import model_loaded
@@ -179,16 +214,23 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
         names = list(dict.fromkeys(name for extra in extras.values() for name in extra))
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
-            pixels = model.sample([r["prompt"] for _, r, _ in batch], [s for _, _, s in batch],
-                                  {name: [extras[(i, s)].get(name) for i, _, s in batch] for name in names},
-                                  num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                                  negative_prompt=settings["negative_prompt"], sampler=settings["sampler"])
-            for (i, record, seed), image in zip(batch, to_pil(pixels)):
+            batch_prompts, batch_seeds = [r["prompt"] for _, r, _ in batch], [s for _, _, s in batch]
+            batch_extras = {name: [extras[(i, s)].get(name) for i, _, s in batch] for name in names}
+            options = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                           negative_prompt=settings["negative_prompt"], sampler=settings["sampler"])
+            masks = None
+            if reward_guidance is not None:
+                masks = guidance_masks(reward_guidance, model, backbone, batch, batch_extras, options, out_dir)
+                options.update(reward_guidance=reward_guidance, masks=masks)
+            pixels = model.sample(batch_prompts, batch_seeds, batch_extras, **options,
+                                  **({} if safety is None else {"safety": safety}))
+            for b, ((i, record, seed), image) in enumerate(zip(batch, to_pil(pixels))):
                 name = image_name(i, seed)
                 save_png(image, out_dir / name)
                 extra = {k: extras[(i, seed)].get(k) for k in extras_names}  # what the conditioner was given
                 rows.append({"prompt_index": i, "prompt": record["prompt"], "seed": seed, "file": name, **base,
-                             **({"extras": extra} if extra else {})})
+                             **({"extras": extra} if extra else {}),
+                             **({"mask_fraction": float(masks[b].mean())} if masks is not None else {})})
                 if grid and i < GRID_MAX_ROWS:
                     grid_images.append(image)
             if len(jobs) > batch_size:
@@ -202,6 +244,12 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
     for stale in out_dir.iterdir():
         if stale.is_file() and IMAGE_PATTERN.match(stale.name) and stale.name not in written:
             stale.unlink()
+    mask_dir = out_dir / MASK_DIR
+    if mask_dir.is_dir():  # masks of an earlier guided run that this run did not make
+        for stale in mask_dir.iterdir():
+            if stale.is_file() and IMAGE_PATTERN.match(stale.name) and not (
+                    reward_guidance is not None and reward_guidance.needs_unguided and stale.name in written):
+                stale.unlink()
     grid_path = out_dir / GRID_NAME
     if grid_images:
         save_png(image_grid(grid_images, columns=len(seeds)), grid_path)
@@ -217,6 +265,8 @@ def generate(cfg: DictConfig) -> dict:
     from alignment.retrieval.values import retriever_settings
     from alignment.runs import check_same_base, parse_models, resolve_path
     from alignment.sampling.sample import check_sampler
+    from alignment.sampling.reward_guidance import RewardGuidance
+    from alignment.sampling.sld import check_guidance, safety_from_config
 
     # Every cheap check before the model is built.
     retriever = retriever_settings(cfg.get("retriever"), "retriever")
@@ -236,6 +286,26 @@ def generate(cfg: DictConfig) -> dict:
     settings = {"sampler": check_sampler(cfg.get("sampler", "ddim"), "sampler"),
                 "steps": positive_int(cfg.get("num_inference_steps"), "num_inference_steps"),
                 "guidance": number(cfg.get("guidance_scale"), "guidance_scale")}
+    safety = safety_from_config(cfg.get("sld"), "sld")
+    check_guidance(safety, settings["guidance"], "sld")
+    settings["sld"] = None if safety is None else safety.identity()
+    if safety is not None:
+        lan_models = [name for name, spec in specs.items() if spec.lan]
+        if lan_models:
+            raise ConfigError(f"sld: Safe Latent Diffusion is not combined with LAN (model {lan_models[0]!r} samples "
+                              f"with lan=true); set lan=false or sld.preset=null")
+    # Reward guidance (docs/methods.md#reward-guidance-baseline): its scorers are checked from their classes here.
+    reward_guidance = RewardGuidance.from_config(cfg.get("reward_guidance"), cfg.get("scorers"),
+                                                 cfg.backbone.get("resolution"))
+    settings["reward_guidance"] = None if reward_guidance is None else reward_guidance.settings()
+    if reward_guidance is not None:
+        if safety is not None:
+            raise ConfigError("reward_guidance: not combined with Safe Latent Diffusion (set sld.preset=null or "
+                              "reward_guidance.scorer=null)")
+        lan_models = [name for name, spec in specs.items() if spec.lan]
+        if lan_models:
+            raise ConfigError(f"reward_guidance: not combined with LAN (model {lan_models[0]!r} samples with "
+                              f"lan=true); set lan=false or reward_guidance.scorer=null")
     batch_size = positive_int(cfg.get("batch_size"), "batch_size")
     negative_prompt = cfg.get("negative_prompt")
     settings["negative_prompt"] = "" if negative_prompt is None else str(negative_prompt)
@@ -246,6 +316,8 @@ def generate(cfg: DictConfig) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir: {out_dir} exists and is not a folder")
     records, filter_summary = filter_prompts(cfg.get("prompt_filter"), records)
+    if reward_guidance is not None:
+        reward_guidance.check_mask_files(len(records), seeds)
     # The extras of every image, the same for every model (the retriever, if on, runs once, before any model).
     values = image_values(retriever, records, seeds, specs)
     extras = image_extras(records, seeds, list(dict.fromkeys(n for spec in specs.values()
@@ -262,15 +334,21 @@ def generate(cfg: DictConfig) -> dict:
     backbone = instantiate_checked(cfg.backbone, "backbone")
     backbone.to(device).eval()
     settings["backbone"] = backbone.name
+    if reward_guidance is not None:
+        reward_guidance.load(device)
     results = {}
     for name, spec in specs.items():
         if not spec.is_base:
             check_same_base(spec, cfg.backbone)
         folder = out_dir if not models_node else out_dir / name
         results[name] = generate_model(backbone, spec, records, seeds, folder, settings, bool(cfg.get("grid")),
-                                       batch_size, extras, retriever)
+                                       batch_size, extras, retriever, safety, reward_guidance)
         note = f" with {spec.weights}" + (f" (LoRA scale {spec.lora_scale:g})" if spec.adapter else "") \
             + (" with LAN against the base model" if spec.lan else "") if not spec.is_base else ""
+        if safety is not None:
+            note += f" with Safe Latent Diffusion ({safety.preset})"
+        if reward_guidance is not None:
+            note += f" with reward guidance ({reward_guidance.describe()})"
         grid = results[name]["grid"]
         grid_note = ""
         if grid:

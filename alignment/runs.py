@@ -443,9 +443,13 @@ class LoadedModel:
             self.pipe.enable_lora()
 
     def sample(self, prompts: list[str], seeds: list[int], extras: dict | None = None, *, num_inference_steps: int,
-               guidance_scale: float, negative_prompt: str, sampler: str):
+               guidance_scale: float, negative_prompt: str, sampler: str, safety=None, reward_guidance=None,
+               masks=None):
         """Pixels in [0, 1] of one image per (prompt, seed): ``sample_images``, or with ``spec.lan``
-        ``sample_with_lan`` against ``target`` (the base model conditioned by the text alone).
+        ``sample_with_lan`` against ``target`` (the base model conditioned by the text alone). ``safety``: Safe
+        Latent Diffusion's settings (``alignment.sampling.sld``; None: off; not with LAN). ``reward_guidance``: an
+        ``alignment.sampling.reward_guidance.RewardGuidance`` (None: off; not with LAN), with ``masks`` (one per
+        image, pixel space, or None: M = 1).
 
         ``extras`` (name -> one value per image, e.g. LiVO's ``value``) splits the batch: the images without any
         extra (every value None) are sampled in a batch of their own, apart from those with one, and the pixels come
@@ -457,15 +461,20 @@ class LoadedModel:
         import torch
 
         groups = extras_groups(extras, len(prompts))
+        more = {} if safety is None else {"safety": safety}
+        if reward_guidance is not None:
+            more.update(reward_guidance=reward_guidance, masks=masks)
         if len(groups) == 1:
             return self._sample(list(prompts), list(seeds), extras, num_inference_steps=num_inference_steps,
-                                guidance_scale=guidance_scale, negative_prompt=negative_prompt, sampler=sampler)
+                                guidance_scale=guidance_scale, negative_prompt=negative_prompt, sampler=sampler,
+                                **more)
         out = None
         for rows in groups:
             part = self._sample([prompts[i] for i in rows], [seeds[i] for i in rows],
                                 {name: [values[i] for i in rows] for name, values in extras.items()},
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                negative_prompt=negative_prompt, sampler=sampler)
+                                negative_prompt=negative_prompt, sampler=sampler,
+                                **{**more, **({"masks": masks[rows]} if masks is not None else {})})
             if out is None:
                 out = part.new_empty((len(prompts), *part.shape[1:]))
             out[torch.as_tensor(rows, device=part.device)] = part
@@ -476,8 +485,15 @@ class LoadedModel:
         from alignment.sampling.lan import sample_with_lan
 
         options = dict(conditioner=self.conditioner, extras=extras, **settings)
+        guidance, masks = options.pop("reward_guidance", None), options.pop("masks", None)
+        if guidance is not None:  # docs/methods.md#reward-guidance-baseline
+            if self.lan or options.get("safety") is not None:
+                raise ValueError(f"model {self.spec.name!r}: reward guidance is not combined with LAN or SLD")
+            return guidance.sample(self.backbone, prompts, seeds, masks=masks, **options)
         if not self.lan:
             return sampling.sample_images(self.backbone, prompts, seeds, **options)
+        if options.get("safety") is not None:
+            raise ValueError(f"model {self.spec.name!r}: Safe Latent Diffusion is not combined with LAN")
         return sample_with_lan(self.backbone, prompts, seeds, target_unet=self.target, **options)
 
 
@@ -506,7 +522,8 @@ def model_loaded(backbone, spec: ModelSpec) -> Iterator[LoadedModel]:
         if spec.unet is not None:
             backbone.unet = load_unet(backbone, spec.unet, spec.key)
         if spec.adapter is not None:
-            pipe = load_adapter(backbone, spec.adapter, scale=spec.lora_scale, adapter_name=f"m_{spec.name}",
+            pipe = load_adapter(backbone, spec.adapter, scale=spec.lora_scale,
+                                adapter_name=f"m_{spec.name}".replace(".", "_"),  # peft: no "." in a module name
                                 key=spec.key)
             backbone.unet.to(backbone.device)
         conditioner = None

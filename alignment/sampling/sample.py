@@ -121,7 +121,7 @@ def step_options(scheduler, eta: float) -> dict:
 def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 30,
                   guidance_scale: float = 7.5, eta: float = 0.0, negative_prompt: str = "",
                   scheduler=None, unet=None, conditioner=None, extras: dict | None = None,
-                  sampler: str = "ddim") -> torch.Tensor:
+                  sampler: str = "ddim", safety=None) -> torch.Tensor:
     """Generate one image per (prompt, seed); returns float pixels in [0, 1], shape (N, 3, H, W).
 
     ``sampler`` (``ddim`` or ``dpmsolver``) is built fresh for this call by ``make_sampler``, so calls never share
@@ -129,6 +129,8 @@ def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_
     ``unet`` defaults to the policy UNet (e.g. pass the one ``backbone.reference_unet()`` yields). ``conditioner``
     (a method's ``alignment.conditioning.Conditioner``) turns the prompts and their ``extras`` (name -> one value
     per prompt) into the UNet conditioning; without one, the backbone's text encoder alone conditions.
+    ``safety`` (an ``alignment.sampling.sld.SafetyGuidance``; None: off) adds Safe Latent Diffusion's negative
+    guidance away from its concept (a third UNet branch; needs ``guidance_scale > 1``).
     """
     from alignment.conditioning import condition, negative_condition
 
@@ -140,10 +142,30 @@ def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_
     cond = condition(backbone, list(prompts), extras, conditioner)
     uncond = negative_condition(backbone, len(prompts), negative_prompt, conditioner, extras) \
         if guidance_scale != 1.0 else None
+    if safety is not None:
+        return _sample_safe(backbone, scheduler, cond, uncond, seeds, guidance_scale, eta, unet, conditioner,
+                            extras, safety)
     cond = guidance_conditioning(cond, uncond, guidance_scale)
     latents = seed_latents(backbone, seeds) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         latents = guided_step(backbone, scheduler, latents, t, cond, guidance_scale, eta=eta, unet=unet).prev_sample
+    return backbone.decode_latents(latents)
+
+
+def _sample_safe(backbone, scheduler, cond, uncond, seeds, guidance_scale, eta, unet, conditioner, extras, safety):
+    """``sample_images``' loop with Safe Latent Diffusion (``alignment.sampling.sld``)."""
+    from alignment.sampling import sld
+
+    sld.check_guidance(safety, guidance_scale)
+    concept = sld.safety_conditioning(backbone, safety, len(seeds), conditioner, extras)
+    cond = {k: torch.cat([uncond[k], cond[k], concept[k]]) for k in cond}
+    options = step_options(scheduler, eta)
+    latents = seed_latents(backbone, seeds) * scheduler.init_noise_sigma
+    momentum = None
+    for i, t in enumerate(scheduler.timesteps):
+        out, momentum = sld.safe_step(backbone, scheduler, latents, t, cond, guidance_scale, safety, momentum, i,
+                                      options, unet=unet)
+        latents = out.prev_sample
     return backbone.decode_latents(latents)
 
 
