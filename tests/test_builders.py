@@ -210,11 +210,11 @@ def test_cli_names_a_missing_or_unknown_builder_and_key(capsys):
     from alignment import build as cli
 
     for argv, message in (([], "error: builder: name the dataset to build: python -m alignment.build NAME "
-                                "[overrides] (available in conf/builder/: hg_dpo, pair_scores, pools, synthetic, "
-                                "toy_pairs)"),
+                                "[overrides] (available in conf/builder/: hg_dpo, livo, pair_scores, pools, "
+                                "synthetic, toy_pairs)"),
                           (["--cfg", "job"], "error: builder: name the dataset to build"),
                           (["nope"], "error: builder: unknown builder config 'nope' (available in conf/builder/: "
-                                     "hg_dpo, pair_scores, pools, synthetic, toy_pairs)"),
+                                     "hg_dpo, livo, pair_scores, pools, synthetic, toy_pairs)"),
                           (["toy_pairs", "builder.pairs_per_captio=3"],
                            "error: builder.pairs_per_captio: not a key of the config")):
         with pytest.raises(SystemExit) as exit_info:

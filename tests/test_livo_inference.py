@@ -256,4 +256,4 @@ def test_unknown_retriever_config_on_the_command_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: retriever: unknown retriever config 'oracle'"), lines
-    assert "chat, lexicon, none, zero_shot" in lines[0]
+    assert "chat, lexicon, none, toy_lexicon, zero_shot" in lines[0]

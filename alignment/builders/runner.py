@@ -312,9 +312,13 @@ def _build_chunks(plan: BuildPlan, chunks: list[int], backbone, progress: bool, 
     todo = [c for c in chunks if not plan.chunk_path(c).exists()]
     # a builder whose item holds several units (PoolBuilder: a prompt = num_images images) says so with
     # ``units_per_item``, so the bar counts its ``item_unit`` (img/s); default 1
+    # (LiVOBuilder, whose items differ in size, says it per chunk with ``item_units(items)``)
     weight = int(getattr(plan.builder, "units_per_item", 1))
-    total = weight * sum(len(plan.items(c)) for c in chunks)
-    done = total - weight * sum(len(plan.items(c)) for c in todo)
+    item_units = getattr(plan.builder, "item_units", None)
+    units = (lambda c: int(item_units(plan.items(c)))) if callable(item_units) else \
+        (lambda c: weight * len(plan.items(c)))
+    total = sum(units(c) for c in chunks)
+    done = total - sum(units(c) for c in todo)
     if done:
         _log(f"{label}: resuming, {len(chunks) - len(todo)} of {len(chunks)} chunks already built in {plan.parts}")
     with tqdm(total=total, initial=done, unit=plan.builder.item_unit, desc=label, file=sys.stderr,
@@ -323,7 +327,7 @@ def _build_chunks(plan: BuildPlan, chunks: list[int], backbone, progress: bool, 
             items = plan.items(chunk)
             table = _checked_chunk(plan, chunk, plan.builder.build_chunk(items, backbone, plan.scorers))
             _write_table(table, plan.chunk_path(chunk))
-            bar.update(weight * len(items))
+            bar.update(units(chunk))
     return len(todo)
 
 

@@ -95,6 +95,29 @@ def keyword_value(prompt: str) -> str | None:
     return None
 
 
+def remove_keywords(prompt: str) -> tuple[str, list[str]]:
+    """``prompt`` with its toxic words removed, and the words removed (in order): every phrase keyword ("no
+    clothes"), then every word that contains a keyword (the retriever matches substrings: "bloodied", "nudes,"),
+    with the spaces and stray punctuation left behind tidied. The cleaned prompt has no ``keyword_value``
+    (the LiVO builder samples it with negative guidance for the preferred toxicity images)."""
+    text, removed = prompt, []
+    phrases = sorted({w for _, words in KEYWORDS for w in words if " " in w}, key=len, reverse=True)
+    for phrase in phrases:
+        pattern = re.compile(rf"\b{re.escape(phrase)}\b", re.IGNORECASE)
+        removed += pattern.findall(text)
+        text = pattern.sub(" ", text)
+    singles = [w for _, words in KEYWORDS for w in words if " " not in w]
+    kept = []
+    for token in text.split():
+        if any(word in token.lower() for word in singles):
+            removed.append(token.strip(".,;:!?\"'()"))
+        else:
+            kept.append(token)
+    cleaned = re.sub(r"\s+([,.;:!?])", r"\1", " ".join(kept))
+    cleaned = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", cleaned).strip(" ,;:")
+    return cleaned, removed
+
+
 def seeded_coin(seed: int, *parts: object) -> float:
     """A uniform number in [0, 1) fixed by ``seed`` and ``parts`` (same in every process and session)."""
     return random.Random(derive_seed(seed, *parts)).random()
@@ -355,8 +378,9 @@ def retriever_settings(node, key: str = "retriever") -> dict | None:
         if unknown:
             raise ConfigError(f"{key}.{name}.{unknown[0]}: unknown key (accepted: {', '.join(accepted)})")
         subs[name] = {k: v for k, v in sub.items() if v is not None}
-    settings = {"classifier": classifier, "bias_probability": float(probability), "seed": int(seed),
-                "attribute_words": check_attribute_words(node.get("attribute_words"), f"{key}.attribute_words")}
+    settings = {"classifier": classifier, "bias_probability": float(probability), "seed": int(seed)}
+    if node.get("attribute_words") is not None:  # null: the built-in lists (not spelt out in metrics.json)
+        settings["attribute_words"] = check_attribute_words(node["attribute_words"], f"{key}.attribute_words")
     if classifier == "zero_shot":
         sub, where = subs["zero_shot"], f"{key}.zero_shot"
         model = sub.get("model")
