@@ -48,7 +48,10 @@ def config_summary(cfg: DictConfig, plan) -> dict:
             "retriever": plan.retriever}
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig, extend=None) -> dict:
+    """``extend(plan, evaluation, metrics)`` (optional; ``alignment.evaluate_checkpoints`` uses it) runs after
+    metrics.json is written and may return ``{"html": <report section>, "log": fn(logger)}``: the section goes into
+    report.html before the win rates, ``fn`` is called with the logger before it is closed."""
     from alignment.config import instantiate_checked, resolve_device
     from alignment.evaluation.cache import ModelImages, generate_missing, generation_settings
     from alignment.evaluation.plan import build_plan
@@ -107,14 +110,16 @@ def evaluate(cfg: DictConfig) -> dict:
         scores["attribute_probs"] = {m: {group: t.tolist() for group, t in per.items()}
                                      for m, per in evaluation.attribute_probs.items()}
     atomic_write_text(json.dumps(scores, ensure_ascii=False, allow_nan=False) + "\n", out_dir / "scores.json")
+    extra = (extend(plan, evaluation, metrics) if extend is not None else None) or {}
     report_path = None
     if plan.report["enabled"]:
         report_path = out_dir / "report.html"
-        atomic_write_text(render_report(plan, evaluation, folders, {"backbone": describe_backbone(backbone_node)}),
+        atomic_write_text(render_report(plan, evaluation, folders, {"backbone": describe_backbone(backbone_node)},
+                                        extra_html=extra.get("html", "")),
                   report_path)
     logger = build_logger(cfg, out_dir)
     if logger:
-        log_to_logger(logger, plan, evaluation, folders)
+        log_to_logger(logger, plan, evaluation, folders, extra=extra.get("log"))
 
     per_prompt = "best of k" if metrics["win_rate"].get("reduce", "best") == "best" else "mean of k"
     for row in metrics["win_rate"]["rows"]:

@@ -325,7 +325,48 @@ def _toxicity(node, scorer_names, k: int) -> dict:
                           f"(got {k}); lower {key}.k or set {key}.incomplete=keep")
     if out["concept"] is not None and (not isinstance(out["concept"], str) or not out["concept"].strip()):
         raise ConfigError(f"{key}.concept must be null or a string, got {out['concept']!r}")
+    concepts = node.get("concepts")
+    if concepts is not None:   # LiVO Table 2: one Avg.R / Avg.S / Max / Prob per concept
+        from alignment.scorers.toxicity import concept_of
+
+        concepts = [concepts] if isinstance(concepts, str) else concepts
+        if not isinstance(concepts, (ListConfig, list)) or not concepts or \
+                not all(isinstance(c, str) and c.strip() for c in concepts):
+            raise ConfigError(f"{key}.concepts must be null or a list of concepts (e.g. [nudity, bloody, zombie]), "
+                              f"got {concepts!r}")
+        concepts = list(dict.fromkeys(concept_of(c) for c in concepts))
+    by = node.get("by")
+    if by is not None and (not isinstance(by, str) or not by.strip()):
+        raise ConfigError(f"{key}.by must be null or the name of a prompt-file field (category, value), got {by!r}")
+    if by is not None and concepts is None:
+        raise ConfigError(f"{key}.by: needs {key}.concepts (the concepts whose prompts {by} selects)")
+    if concepts is not None and by is None and out["concept"] is None:
+        out["concept"] = concepts[0]  # the judge's main score: the first concept
+    out.update(concepts=concepts, by=by, prompt_concepts=None,
+               each_concept=[c for c in concepts if c != out["concept"]] if concepts and by is None else [])
     return out
+
+
+def prompt_concepts(toxicity: dict, extras: dict, num_prompts: int) -> list[str | None] | None:
+    """With ``metrics.toxicity.by``: each prompt's concept among ``concepts`` (the prompt file's ``by`` field through
+    ``concept_of``, case-insensitive: "nudity considered inappropriate" and "Nudity" are nudity), None for a prompt
+    of no listed concept. A listed concept without prompts, or a field the file lacks, is an error."""
+    from alignment.scorers.toxicity import concept_of
+
+    by = toxicity.get("by")
+    if not toxicity.get("enabled") or by is None:
+        return None
+    key = "metrics.toxicity.by"
+    if by not in extras:
+        raise ConfigError(f"{key}: the prompts have no field {by!r} (fields: {', '.join(extras) or 'none'})")
+    lookup = {c.lower(): c for c in toxicity["concepts"]}
+    found = [lookup.get(concept_of(v).strip().lower()) if v not in (None, "") else None for v in extras[by]]
+    missing = [c for c in toxicity["concepts"] if c not in found]
+    if missing:
+        seen = sorted({str(v) for v in extras[by] if v not in (None, "")})
+        raise ConfigError(f"{key}: no prompt has {by} {missing[0]!r} (metrics.toxicity.concepts; the prompts' "
+                          f"{by} values: {', '.join(seen[:10]) or 'none'})")
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ all
@@ -399,6 +440,7 @@ def build_plan(cfg: DictConfig) -> Plan:
     prompts = [r["prompt"] for r in records]
     change = _change(change_node, prompts, seeds, scorers_node, scorer_names)
     extras = record_extras(records, dict.fromkeys(name for r in records for name in r if name != "prompt"))
+    toxicity["prompt_concepts"] = prompt_concepts(toxicity, extras, len(prompts))
     image_values = None
     if retriever is not None and not any("value" in spec.conditioner_extras for spec in models.values()):
         print("warning: retriever: no model's conditioner reads a value; the retriever is not used", file=sys.stderr)

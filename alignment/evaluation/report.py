@@ -170,6 +170,13 @@ def metrics_sections(metrics: dict) -> str:
         parts.append(f"<h2>Toxicity ({esc(t['concept'])}, k = {t['k']})</h2>"
                      + table(["model"] + names, [[esc(m)] + [fmt(v[n], 2) for n in names]
                                                  for m, v in t["models"].items()]))
+        if t.get("concepts"):  # LiVO Table 2: per concept, over that concept's prompts (metrics.toxicity.concepts)
+            rows = [[esc(m), esc(c), str(node["num_prompts"])] + [fmt(node["models"][m][n], 2) for n in names]
+                    for c, node in t["concepts"].items() for m in node["models"]]
+            selected = (f"prompts selected by their {esc(t['by'])}" if t.get("by")
+                        else "every prompt, judged for each concept")
+            parts.append(f"<h3>Toxicity per concept</h3><p class=muted>{selected}</p>"
+                         + table(["model", "concept", "prompts"] + names, rows))
     return "".join(parts)
 
 
@@ -221,7 +228,8 @@ def dropped_section(plan: Plan, shown: int = 50) -> str:
             f"{more}</details>")
 
 
-def render_report(plan: Plan, evaluation: Evaluation, folders: dict[str, Path], summary: dict) -> str:
+def render_report(plan: Plan, evaluation: Evaluation, folders: dict[str, Path], summary: dict,
+                  extra_html: str = "") -> str:
     models = list(plan.models)
     settings = [("prompts", f"{len(plan.prompts)} from {plan.prompt_source}"),
                 ("images per prompt", f"{plan.k} (seeds {', '.join(map(str, plan.seeds))})"),
@@ -245,7 +253,7 @@ def render_report(plan: Plan, evaluation: Evaluation, folders: dict[str, Path], 
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width, initial-scale=1'>"
             f"<title>Evaluation: {esc(', '.join(models))}</title><style>{CSS}</style></head><body>"
-            f"<h1>Evaluation: {esc(' vs '.join(models))}</h1><dl>{info}</dl>{dropped_section(plan)}"
+            f"<h1>Evaluation: {esc(' vs '.join(models))}</h1><dl>{info}</dl>{dropped_section(plan)}{extra_html}"
             f"<h2>Win rates</h2>{winrate_section(evaluation.metrics, models)}"
             f"{metrics_sections(evaluation.metrics)}"
             f"{prompt_sections(plan, evaluation, folders)}</body></html>\n")
@@ -275,13 +283,14 @@ def flat_scalars(metrics: dict) -> dict[str, float]:
             if group == "mean_scores":
                 walk(group, node)
             else:
-                walk(group, {k: v for k, v in node.items() if k in ("models", "shift_percent", "hsv_means")})
+                walk(group, {k: v for k, v in node.items()
+                             if k in ("models", "shift_percent", "hsv_means", "concepts")})
     return out
 
 
-def log_to_logger(logger, plan: Plan, evaluation: Evaluation, folders: dict[str, Path]) -> None:
+def log_to_logger(logger, plan: Plan, evaluation: Evaluation, folders: dict[str, Path], extra=None) -> None:
     """Summary scalars to any Lightning logger; with W&B also a table of every shown image (prompt, model, seed,
-    image, one column per scorer) and the win-rate table."""
+    image, one column per scorer) and the win-rate table. ``extra(logger)``: more to log before the logger closes."""
     from alignment.files import image_name
 
     logger.log_metrics(flat_scalars(evaluation.metrics), step=0)
@@ -300,6 +309,8 @@ def log_to_logger(logger, plan: Plan, evaluation: Evaluation, folders: dict[str,
         rates = wandb.Table(columns=columns, data=[[r.get(c) for c in columns]
                                                    for r in evaluation.metrics.get("win_rate", {}).get("rows", [])])
         experiment.log({"evaluation/images": images, "evaluation/win_rate": rates})
+    if extra is not None:
+        extra(logger)
     logger.finalize("success")
     if experiment is not None and hasattr(experiment, "finish"):
         experiment.finish()

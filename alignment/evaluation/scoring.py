@@ -93,8 +93,9 @@ def write_problem_masks(plan: Plan, reference_folder: Path, scorers: dict) -> Pa
     return folder
 
 
-def read_mask(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """A mask image -> (H, W) weights in [0, 1] at the image size (grey levels; resized bilinearly if needed)."""
+def read_mask(path: Path, size: tuple[int, int], key: str = "metrics.change.mask") -> torch.Tensor:
+    """A mask image -> (H, W) weights in [0, 1] at the image size (grey levels; resized bilinearly if needed);
+    an unreadable file is a one-line ConfigError naming ``key`` (also read by generate's ``reward_guidance.mask``)."""
     from PIL import Image
 
     try:
@@ -104,7 +105,7 @@ def read_mask(path: Path, size: tuple[int, int]) -> torch.Tensor:
                 grey = grey.resize((size[1], size[0]), Image.BILINEAR)
             return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)
     except OSError as err:
-        raise ConfigError(f"metrics.change.mask: cannot read {path} ({err})") from None
+        raise ConfigError(f"{key}: cannot read {path} ({err})") from None
 
 
 # ------------------------------------------------------------------------------------------------ extractors
@@ -120,6 +121,16 @@ class ScorerFeatures:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.scorer.image_embeds(images.to(self.scorer.device)).float().cpu()
+
+
+def takes_concepts(scorer) -> bool:
+    """A toxicity judge: its ``forward`` takes per-image ``concepts`` (ToxicityJudge, the toy world's judge)."""
+    import inspect
+
+    try:
+        return "concepts" in inspect.signature(scorer.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def load_metric_models(plan: Plan, scorers: dict, device) -> dict:
@@ -161,10 +172,10 @@ def load_metric_models(plan: Plan, scorers: dict, device) -> dict:
             plan.bias["groups"] = bias_groups(named[:1] or [own])
     if plan.toxicity["enabled"]:
         judge = scorers[plan.toxicity["judge"]]
-        if not hasattr(judge, "concepts_for"):
+        if not takes_concepts(judge):
             raise ConfigError(f"metrics.toxicity.judge: scorer {plan.toxicity['judge']!r} is not a toxicity judge "
                               f"(a ToxicityJudge, e.g. scorers=[toxicity_judge])")
-        if plan.toxicity["concept"] is None and judge.concept is None:
+        if plan.toxicity.get("prompt_concepts") is None and plan.toxicity["concept"] is None and judge.concept is None:
             raise ConfigError(f"metrics.toxicity.concept: required (scorer {plan.toxicity['judge']!r} has no fixed "
                               f"concept), e.g. metrics.toxicity.concept=nudity")
     return models
@@ -184,10 +195,35 @@ def _inception_outputs(model, images: torch.Tensor) -> tuple[torch.Tensor, torch
     return out.features.double().cpu(), out.logits.double().cpu()
 
 
-def _score_batch(name: str, scorer, images, prompts, plan: Plan, batch_size: int) -> torch.Tensor:
-    if plan.toxicity["enabled"] and name == plan.toxicity["judge"] and plan.toxicity["concept"] is not None:
-        return scorer.score(images, prompts, batch_size=batch_size,
-                            concepts=[plan.toxicity["concept"]] * len(prompts))
+def judge_score(judge, images, prompts, batch_size: int, concepts) -> torch.Tensor:
+    """A toxicity judge's P(yes) with per-image ``concepts`` (None: its own concept), through its ``score`` when that
+    takes concepts (ToxicityJudge), else its forward (the toy judge)."""
+    import inspect
+
+    if concepts is None or "concepts" in inspect.signature(judge.score).parameters:
+        return judge.score(images, prompts, batch_size=batch_size, **({"concepts": concepts} if concepts else {}))
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(prompts), batch_size):
+            chunk = images[s:s + batch_size].to(judge.device, judge.dtype)
+            out.append(judge(chunk, prompts[s:s + batch_size], concepts=concepts[s:s + batch_size]).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _score_batch(name: str, scorer, images, prompts, plan: Plan, batch_size: int,
+                 indices: list[int] | None = None) -> torch.Tensor:
+    tox = plan.toxicity
+    if tox["enabled"] and name == tox["judge"]:
+        # each image judged for its prompt's concept (metrics.toxicity.by; a prompt of no listed concept, counted
+        # in no toxicity metric, for metrics.toxicity.concept or the first concept), else metrics.toxicity.concept,
+        # else the judge's own
+        per_prompt = tox.get("prompt_concepts")
+        concepts = None
+        if per_prompt is not None and indices is not None:
+            concepts = [per_prompt[i] or tox["concept"] or tox["concepts"][0] for i in indices]
+        elif tox["concept"] is not None:
+            concepts = [tox["concept"]] * len(prompts)
+        return judge_score(scorer, images, prompts, batch_size, concepts)
     return scorer.score(images, prompts, batch_size=batch_size)
 
 
@@ -211,7 +247,12 @@ def model_pass(plan: Plan, model: str, folders: dict[str, Path], scorers: dict, 
         prompts = [p for _, p, _ in batch]
         images = read_images([folders[model] / image_name(i, s) for i, _, s in batch])
         for name, scorer in scorers.items():
-            out["scores"][name].append(_score_batch(name, scorer, images, prompts, plan, bs))
+            out["scores"][name].append(_score_batch(name, scorer, images, prompts, plan, bs,
+                                                    [i for i, _, _ in batch]))
+        for concept in (plan.toxicity.get("each_concept") or []) if plan.toxicity["enabled"] else []:
+            judge = plan.toxicity["judge"]  # every image judged for every concept: one more (P, k) per concept
+            out["scores"][f"{judge}:{concept}"].append(judge_score(scorers[judge], images, prompts, bs,
+                                                                   [concept] * len(prompts)))
         if plan.bias["enabled"]:
             classifier = scorers[plan.bias["classifier"]]
             for group, attributes in plan.bias["groups"].items():
@@ -295,6 +336,62 @@ def signed_color_shift(own: torch.Tensor, reference: torch.Tensor, num_bootstrap
     return out
 
 
+def _interval_dict(names, per_prompt, wr: dict, scale: float = 1.0) -> dict:
+    """``{name: {"low", "high"}}``: the bootstrap interval over prompts of each column of ``per_prompt`` (P, M)."""
+    from alignment.metrics.bootstrap import mean_intervals
+
+    intervals = mean_intervals(per_prompt, wr["num_bootstrap"], wr["confidence"], wr["seed"])
+    return {name: {"low": finite(scale * iv[0]) if iv else None, "high": finite(scale * iv[1]) if iv else None}
+            for name, iv in zip(names, intervals)}
+
+
+def bias_intervals(probs: torch.Tensor, wr: dict) -> dict:
+    """D1 / D2 intervals over prompts (the win-rate bootstrap settings) from the (P, k, A) attribute probabilities."""
+    from alignment.metrics.bias import attribute_distribution, d1, d2
+
+    dists = [attribute_distribution(p) for p in probs]
+    return _interval_dict(("D1", "D2"), [[d1(d), d2(d)] for d in dists], wr)
+
+
+def toxicity_table(plan: Plan, passes: dict, scorers: dict, wr: dict) -> dict:
+    """Avg.R / Avg.S / Max / Prob (×100) per model over every prompt (``models``) and, with
+    ``metrics.toxicity.concepts``, per concept over that concept's prompts (``concepts``), each with a bootstrap
+    interval over prompts (``intervals``)."""
+    from alignment.metrics.toxicity import METRIC_NAMES, prompt_toxicity, toxicity_metrics
+
+    tox = plan.toxicity
+    judge, k, incomplete = tox["judge"], tox["k"], tox["incomplete"]
+
+    def table(scores_of, rows) -> dict:
+        models, intervals = {}, {}
+        for m, r in passes.items():
+            matrix = scores_of(r)[rows] if rows is not None else scores_of(r)
+            models[m] = toxicity_metrics(list(matrix), k=k, incomplete=incomplete)
+            per_prompt = [[prompt_toxicity(p, k=k, incomplete=incomplete)[n] for n in METRIC_NAMES] for p in matrix]
+            intervals[m] = _interval_dict(METRIC_NAMES, per_prompt, wr, scale=100.0)
+        return {"models": models, "intervals": intervals}
+
+    concept = tox["concept"] or getattr(scorers[judge], "concept", None)
+    counted = None   # with metrics.toxicity.by: the prompts of the listed concepts, each judged for its own
+    if tox.get("by") is not None:
+        counted = torch.tensor([i for i, pc in enumerate(tox["prompt_concepts"]) if pc is not None])
+    out = {"judge": judge, "concept": concept if tox.get("by") is None else f"per prompt ({tox['by']})",
+           "k": k, "incomplete": incomplete, **table(lambda r: r["scores"][judge], counted)}
+    if tox.get("concepts"):
+        out["by"] = tox.get("by")
+        out["concepts"] = {}
+        for c in tox["concepts"]:
+            if tox.get("by") is not None:   # the prompts of concept c, each image judged for c
+                rows = [i for i, pc in enumerate(tox["prompt_concepts"]) if pc == c]
+                node = table(lambda r: r["scores"][judge], torch.tensor(rows))
+            else:                           # every prompt, every image judged for c
+                rows = list(range(len(plan.prompts)))
+                name = judge if c == tox["concept"] else f"{judge}:{c}"
+                node = table(lambda r, name=name: r["scores"][name], None)
+            out["concepts"][c] = {"num_prompts": len(rows), **node}
+    return out
+
+
 def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_models: dict) -> Evaluation:
     """All scores and metrics; ``metrics`` is JSON-ready (non-finite values are null)."""
     from alignment.metrics.bias import bias_metrics
@@ -373,13 +470,10 @@ def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_
     if plan.bias["enabled"]:
         metrics["bias"] = {"classifier": plan.bias["classifier"], "groups": plan.bias["groups"],
                            "models": {m: {group: bias_metrics(list(probs)) for group, probs in r["probs"].items()}
-                                      for m, r in passes.items()}}
+                                      for m, r in passes.items()},
+                           "intervals": {m: {group: bias_intervals(probs, wr) for group, probs in r["probs"].items()}
+                                         for m, r in passes.items()}}
     if plan.toxicity["enabled"]:
-        judge = plan.toxicity["judge"]
-        concept = plan.toxicity["concept"] or scorers[judge].concept
-        metrics["toxicity"] = {
-            "judge": judge, "concept": concept, "k": plan.toxicity["k"], "incomplete": plan.toxicity["incomplete"],
-            "models": {m: toxicity_metrics(list(r["scores"][judge]), k=plan.toxicity["k"],
-                                           incomplete=plan.toxicity["incomplete"]) for m, r in passes.items()}}
+        metrics["toxicity"] = toxicity_table(plan, passes, scorers, wr)
     result.metrics = metrics
     return result

@@ -440,9 +440,22 @@ class ToyAttributeClassifier(ToyScorer):
             raise ConfigError(f"{key}.target: {target!r} is not one of {list(self.attributes)}")
         self.target = target or self.attributes[0]
 
+    def kind_of(self, attributes) -> str:
+        """Which of the world's attributes a requested set reads: two (male, female) -> gender, five (the tones, or
+        LiVO's race set, read position by position as the five head tones) -> tone; None: this classifier's own."""
+        if attributes is None:
+            return self.kind
+        attributes = [str(a) for a in attributes]
+        if len(attributes) == len(W.GENDERS):
+            return "gender"
+        if len(attributes) == len(W.TONES):
+            return "tone"
+        raise ValueError(f"{self.name}: the toy world classifies gender (2) or tone / race (5) attributes, "
+                         f"got {attributes}")
+
     def classify(self, images, prompts=None, attributes=None) -> torch.Tensor:
         x, fg, probs = self.analyse(images)
-        if self.kind == "gender":
+        if self.kind_of(attributes) == "gender":
             # figure pixels per row (B, H); blood counts (drops on the body would leave holes), blobs and noise not
             body = fg * probs[:, PALETTE_IDX + TONE_IDX + [BLOOD_IDX]].sum(1) * (1 - noise_map(x))
             width = body.sum(2)

@@ -228,3 +228,52 @@ def export(pl_module, run_dir: Path, state: dict | None = None) -> dict[str, Pat
     if export_objective is not None:
         written.update(export_objective(run_dir) or {})
     return written
+
+
+class CheckpointWeights(L.Callback):
+    """Every ``every_n_steps`` optimizer steps, and when training ends, write the trained weights as a loadable run
+    folder of their own, ``<run>/checkpoints/step_NNNNNN/`` (``alignment.training.checkpointing.weights_folder``):
+    the same ``export`` the end of training uses (LoRA / full UNet / conditioner, safetensors), a copy of the run's
+    ``config.yaml`` (so recorded inference settings and the base weights travel with it) and ``step.json``. Evaluating
+    these gives curves over training (``python -m alignment.evaluate_checkpoints``). The folder is written under a
+    temporary name and renamed, so a listed step is always complete; every export is kept."""
+
+    def __init__(self, run_dir: str | Path, every_n_steps: int):
+        self.run_dir = Path(run_dir)
+        self.every_n_steps = int(every_n_steps)
+        self._last_step = -1
+        self._saved_step = -1   # every rank keeps it (not the file system): they all take part in each save
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not _step_advanced(trainer, self._last_step):
+            return
+        self._last_step = trainer.global_step
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.every_n_steps > 0 and trainer.global_step > 0 and self._saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
+
+    def save(self, trainer, pl_module) -> None:
+        import shutil
+
+        from alignment.training.checkpointing import STEP_FILE, weights_folder
+
+        state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP: every rank calls it
+        self._saved_step = step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        final = weights_folder(self.run_dir, step)
+        tmp = final.parent / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        export(pl_module, tmp, state)
+        if (self.run_dir / "config.yaml").is_file():
+            shutil.copyfile(self.run_dir / "config.yaml", tmp / "config.yaml")
+        (tmp / STEP_FILE).write_text(json.dumps({"step": step, "time": round(time.time(), 4)}) + "\n")
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run writes the same step again
+        tmp.rename(final)

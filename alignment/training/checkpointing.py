@@ -59,3 +59,29 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     if not path.is_file():
         raise ConfigError(f"resume: {path} is neither a run folder nor a checkpoint file")
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ weight exports
+# ``checkpoint.weights_every_n_steps``: every N optimizer steps (and at the end) the trained weights are written as
+# a run folder of their own, ``<run>/checkpoints/step_<NNNNNN>/`` (lora/, unet/, conditioner/ as the run exports at
+# the end, safetensors only, plus a copy of the run's config.yaml and step.json), so that an intermediate model loads
+# like a finished run (``+models.x.run=<run>/checkpoints/step_000100``) without unpickling a Lightning checkpoint.
+WEIGHTS_PREFIX = "step_"
+STEP_FILE = "step.json"
+
+
+def weights_folder(run_dir: Path, step: int) -> Path:
+    """Where the weights exported at optimizer step ``step`` live."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"{WEIGHTS_PREFIX}{int(step):06d}"
+
+
+def saved_weight_steps(run_dir: Path) -> dict[int, Path]:
+    """``{step: folder}`` of every complete weight export of a run (``checkpoints/step_NNNNNN/`` holding
+    ``step.json``, written last), in step order."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    found = {}
+    for path in folder.glob(f"{WEIGHTS_PREFIX}*") if folder.is_dir() else ():
+        digits = path.name[len(WEIGHTS_PREFIX):]
+        if path.is_dir() and digits.isdigit() and (path / STEP_FILE).is_file():
+            found[int(digits)] = path
+    return dict(sorted(found.items()))

@@ -59,7 +59,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from alignment.config import to_plain
-    from alignment.training.callbacks import ExportWeights, MetricsFile, SampleGrid
+    from alignment.training.callbacks import CheckpointWeights, ExportWeights, MetricsFile, SampleGrid
     from alignment.training.checkpointing import CHECKPOINT_DIR
 
     checkpoints = ModelCheckpoint(
@@ -76,6 +76,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
                    guidance_scale=samples.guidance_scale, negative_prompt=samples.get("negative_prompt", ""),
                    extras=to_plain(samples.get("extras")) or {}),
         ExportWeights(run_dir),
+        *([CheckpointWeights(run_dir, every)] if (every := int(cfg.checkpoint.get("weights_every_n_steps") or 0))
+          else []),
     ]
 
 

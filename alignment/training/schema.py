@@ -34,7 +34,7 @@ SAMPLES = {"every_n_steps": int, "prompts": list[str], "seeds": list[int], "num_
            "guidance_scale": float, "negative_prompt": str, "extras": dict | None}
 SPEED = {"attention": Literal["sdpa", "eager"], "channels_last": bool | Literal["auto"],
          "compile": bool | Literal["auto"], "compile_mode": str | None}
-CHECKPOINT = {"every_n_steps": int, "keep_last": int}
+CHECKPOINT = {"every_n_steps": int, "keep_last": int, "weights_every_n_steps": int}
 
 
 def _method_hyperparameters(cfg: DictConfig) -> None:
@@ -123,6 +123,9 @@ def check_run_config(cfg: DictConfig) -> None:
         keep = checkpoint.get("keep_last", 1)
         if keep != -1:
             positive_int(keep, "checkpoint.keep_last")
+        every = checkpoint.get("weights_every_n_steps", 0)
+        if every != 0:
+            positive_int(every, "checkpoint.weights_every_n_steps")
 
 
 def _top_level(cfg: DictConfig) -> None:
