@@ -57,7 +57,8 @@ def cell_text(cell: dict) -> str:
     return f"{100 * cell['rate']:>8.1f} [{100 * cell['low']:5.1f},{100 * cell['high']:5.1f}] {verdict(cell)}"
 
 
-def driver_main(argv, description: str, runs, run_all, format_summary, data_help: str, override_example: str) -> dict:
+def driver_main(argv, description: str, runs, run_all, format_summary, data_help: str, override_example: str,
+                images_per_prompt: int = 8) -> dict:
     """The command line shared by the toy-world method drivers (``alignment.toy.balanced``, ``alignment.toy.hg_dpo``):
     ``--out``, ``--seed``, ``--data-seed``, ``--only`` (a subset of ``runs``), ``--images-per-prompt`` and training
     overrides; runs ``run_all`` and prints ``format_summary`` of its summary."""
@@ -66,7 +67,7 @@ def driver_main(argv, description: str, runs, run_all, format_summary, data_help
     parser.add_argument("--seed", type=int, default=0, help="training seed (LoRA init, noise)")
     parser.add_argument("--data-seed", type=int, default=0, help=data_help)
     parser.add_argument("--only", nargs="*", default=None, help=f"a subset of {', '.join(runs)}")
-    parser.add_argument("--images-per-prompt", type=int, default=8)
+    parser.add_argument("--images-per-prompt", type=int, default=images_per_prompt)
     parser.add_argument("overrides", nargs="*", help=f"training overrides, e.g. {override_example}")
     args = parser.parse_args(argv)
     if args.only:  # overrides typed after --only land in it: key=value is an override, anything else a run name
