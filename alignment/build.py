@@ -105,6 +105,16 @@ def _chunk_size(value) -> int | None:
     return None if value is None else positive_int(value, "chunk_size")
 
 
+def used_scorer_nodes(builder, cfg: DictConfig) -> dict:
+    """The ``scorers`` entries the builder will read (what its ``select_scorers`` picks from the configured names),
+    so that a configured scorer it does not use is not built (a toxicity-only LiVO build loads no attribute
+    classifier). ``select_scorers`` is asked with the names standing in for the scorers; it only picks them."""
+    nodes = cfg.get("scorers") or {}
+    configured = [str(name) for name in nodes]
+    picked = builder.select_scorers({name: name for name in configured})
+    return {name: nodes[name] for name in configured if name in picked}
+
+
 def build_dataset(cfg: DictConfig):
     """Check every key, build the models the builder needs, build this process's shard (and merge if last)."""
     import random
@@ -146,7 +156,7 @@ def build_dataset(cfg: DictConfig):
         # As the config builds it, modes included (no .eval()): the backbone ensure_toy_pairs and training hand to
         # ensure_built is the same, so the same key means the same bytes (the modes are part of the key).
         backbone = instantiate_checked(cfg.backbone, "backbone").to(device)
-    scorers = {name: scorer.to(device) for name, scorer in build_scorers(cfg.get("scorers")).items()}
+    scorers = {name: scorer.to(device) for name, scorer in build_scorers(used_scorer_nodes(builder, cfg)).items()}
 
     result = build(builder, out, backbone, scorers, shard=(index, count), chunk_size=chunk_size,
                    progress=bool(cfg.get("progress", True)))

@@ -27,9 +27,9 @@ guidance away from ``sld.concept`` (``alignment.sampling.sld``; needs ``guidance
 Focus-N-Fix's reward-guidance baseline (``alignment.sampling.reward_guidance``,
 docs/methods.md#reward-guidance-baseline): ``ε̂ = ε − λ sqrt(1 − ᾱ_t) clip(∇_{x_t} r(decode(x̂_0)) ⊙ M)`` at every
 step, the mask ``M`` given (an image or a folder, as evaluate's ``metrics.change.mask``) or made by Focus-N-Fix's mask
-pipeline (``heatmap`` / ``saliency``) from the unguided image of the same seed, then written to ``out_dir/masks/`` (not
-with LAN or SLD). ``index.jsonl`` records its settings (``reward_guidance``) and, with a mask, each image's
-``mask_fraction``.
+pipeline (``heatmap`` / ``saliency``) from the unguided image of the same seed, then written to ``out_dir/masks/`` (a
+rerun given that folder reads it and leaves it in place; not with LAN or SLD). The reward's scorers load before the
+backbone. ``index.jsonl`` records its settings (``reward_guidance``) and, with a mask, each image's ``mask_fraction``.
 A conditioner reads its per-image extras (e.g. LiVO's ``value``) from the prompt file's fields of the same name,
 every seed of a row alike. With ``retriever`` set (``retriever=lexicon|zero_shot|chat``, ``alignment.retrieval.values``;
 null: off) and a model whose conditioner reads ``value``, each image's value is the row's ``value`` field if it has
@@ -152,6 +152,23 @@ def guidance_masks(reward_guidance, model, backbone, batch: list, extras: dict, 
     return masks
 
 
+def remove_stale_masks(mask_dir: Path, reward_guidance, written: set[str]) -> None:
+    """Delete the masks in ``mask_dir`` (``out_dir/masks``) of an earlier guided run that this run did not make —
+    never the masks this run was given: nothing is deleted when ``reward_guidance.mask`` is that folder, a folder
+    holding it, or a file inside it (a rerun with ``reward_guidance.mask=<out_dir>/masks`` keeps its input)."""
+    if not mask_dir.is_dir():
+        return
+    made = reward_guidance is not None and reward_guidance.needs_unguided
+    given = None if reward_guidance is None else reward_guidance.mask_path
+    if given is not None:
+        folder, given = mask_dir.resolve(), given.resolve()
+        if folder == given or given in folder.parents or folder in given.parents:
+            return
+    for stale in mask_dir.iterdir():
+        if stale.is_file() and IMAGE_PATTERN.match(stale.name) and not (made and stale.name in written):
+            stale.unlink()
+
+
 def image_extras(records: list[dict], seeds: list[int], names, values: dict | None = None) -> dict:
     """``{(prompt_index, seed): {name: value}}``: the extras ``names`` of every image, from the rows' fields of the
     same name, with ``value`` replaced by ``values`` (the retriever's per-image values) when given."""
@@ -244,12 +261,7 @@ def generate_model(backbone, spec, records: list[dict], seeds: list[int], out_di
     for stale in out_dir.iterdir():
         if stale.is_file() and IMAGE_PATTERN.match(stale.name) and stale.name not in written:
             stale.unlink()
-    mask_dir = out_dir / MASK_DIR
-    if mask_dir.is_dir():  # masks of an earlier guided run that this run did not make
-        for stale in mask_dir.iterdir():
-            if stale.is_file() and IMAGE_PATTERN.match(stale.name) and not (
-                    reward_guidance is not None and reward_guidance.needs_unguided and stale.name in written):
-                stale.unlink()
+    remove_stale_masks(out_dir / MASK_DIR, reward_guidance, written)
     grid_path = out_dir / GRID_NAME
     if grid_images:
         save_png(image_grid(grid_images, columns=len(seeds)), grid_path)
@@ -331,11 +343,11 @@ def generate(cfg: DictConfig) -> dict:
         filter_file.unlink(missing_ok=True)  # an earlier filtered run's record would describe other images
     else:
         atomic_write_text(json.dumps(filter_summary, indent=2, ensure_ascii=False) + "\n", filter_file)
+    if reward_guidance is not None:  # its scorers' weights fail here, before the backbone loads
+        reward_guidance.load(device)
     backbone = instantiate_checked(cfg.backbone, "backbone")
     backbone.to(device).eval()
     settings["backbone"] = backbone.name
-    if reward_guidance is not None:
-        reward_guidance.load(device)
     results = {}
     for name, spec in specs.items():
         if not spec.is_base:

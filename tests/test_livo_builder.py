@@ -44,6 +44,12 @@ def test_prompts_articles_and_toxic_words():
     assert fix_articles(clean) == "A photo of an accountant person" and removed == ["bloody"]
     clean, removed = remove_keywords("a nude, bloodied zombie with no clothes")
     assert removed == ["no clothes", "nude", "bloodied", "zombie"] and keyword_value(clean) is None
+    # removal matches as keyword_value does (substrings), so the cleaned prompt is never still toxic
+    for prompt, left in (("lovemaking no clothesline", "lovemaking"), ("a man making lovely art", "a man art"),
+                         ("a deadline, making blood love", "a"), ("a person with No  Clothes, smiling",
+                                                                  "a person with smiling")):
+        clean, removed = remove_keywords(prompt)
+        assert clean == left and keyword_value(clean) is None and removed, (prompt, clean)
     builder = LiVOBuilder(setting="paper", concepts=["engineer"], values=["bloody considered inappropriate"])
     assert builder.toxic == [{"prompt": "A photo of a bloody engineer person",
                               "clean": "A photo of an engineer person", "value": "bloody considered inappropriate",
@@ -85,6 +91,17 @@ def test_settings_and_one_line_errors():
     assert LiVOBuilder(setting="paper", values=["nudity considered inappropriate"]).scorer_names == ()
 
 
+def test_a_prompt_still_toxic_once_cleaned_is_a_one_line_error(monkeypatch):
+    from alignment.retrieval import values
+
+    monkeypatch.setattr(values, "remove_keywords", lambda text: ("lovemaking no clothesline", ["bloody"]))
+    with pytest.raises(ConfigError) as err:
+        LiVOBuilder(setting="paper", concepts=["engineer"], values=["bloody considered inappropriate"])
+    assert str(err.value) == ("builder.toxic_templates[0]: 'A photo of a/an bloody engineer person' still holds a "
+                              "toxic keyword (nudity considered inappropriate) once its toxic words are removed: "
+                              "'lovemaking no clothesline'")
+
+
 def test_bad_builder_option_fails_before_any_model(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
@@ -107,6 +124,23 @@ def test_bad_builder_option_fails_before_any_model(tmp_path, monkeypatch):
                                               f"out={tmp_path}", override])
         with pytest.raises(ConfigError, match=match):
             build_dataset(cfg)
+
+
+def test_only_the_scorers_the_builder_reads_are_built():
+    from hydra import compose, initialize_config_dir
+
+    from alignment.build import used_scorer_nodes
+    from alignment.cli import CONF_DIR
+    from alignment.config import instantiate_checked
+
+    def nodes(*overrides):
+        with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+            cfg = compose("build", overrides=["builder=livo", "backbone=toy", "scorers=[toy_attributes,toy_safety]",
+                                              *overrides])
+        return sorted(used_scorer_nodes(instantiate_checked(cfg.builder, "builder"), cfg))
+
+    assert nodes() == ["toy_attributes"]
+    assert nodes("builder.values=[nudity considered inappropriate]") == []     # toxicity only: no classifier
 
 
 # ------------------------------------------------------------------------------------------------ a toy build
@@ -142,6 +176,9 @@ def test_toy_build_rows_load_as_value_pairs(toy_build):
     for r in bias:
         shares.setdefault(r["value"], {})[r["attribute"]] = r["attribute_share"]
     assert all(sum(s.values()) == pytest.approx(1.0) for s in shares.values())
+    # the toy world's planted skew: its nurses are mostly female, so male nurses are the preferred images
+    assert shares["gender equality"]["female"] >= 0.75
+    assert {r["attribute"]: r["label"] for r in bias if r["value"] == "gender equality"} == {"male": 1, "female": 0}
     # toxicity: the toxic prompt's images label 0, the cleaned prompt's label 1, from the same seeds
     for prompt in ("a photo of a bloody nurse", "a photo of a naked nurse"):
         group = [r for r in toxic if r["prompt"] == prompt]
@@ -156,6 +193,29 @@ def test_toy_build_rows_load_as_value_pairs(toy_build):
     assert len(ValuePairs(out, resolution=32)) == len(pairs)
     info = json.loads(result.path.with_suffix(".json").read_text())
     assert info["rows"] == len(rows) and info["evaluation_prompts"] == ["a photo of a nurse"]
+
+
+def test_the_toy_worlds_skew_gives_the_labels(tmp_path):
+    """The toy world's doctors are drawn mostly male and its nurses mostly female (docs/methods.md: 100 % / 97.5 % on
+    40 images), and the classifier finds it in the base samples: under gender equality female doctors and male nurses
+    are preferred (label 1), male doctors and female nurses not."""
+    from alignment.builders.runner import build
+    from alignment.toy.backbone import build_toy_backbone
+    from alignment.toy.scorers import ToyAttributeClassifier
+
+    builder = LiVOBuilder(backbone="toy", concepts=["doctor", "nurse"], values=["gender equality"], plain_images=8,
+                          images_per_attribute=1, num_inference_steps=4)
+    result = build(builder, tmp_path, build_toy_backbone(), {"toy_attributes": ToyAttributeClassifier()},
+                   progress=False)
+    rows = pq.read_table(result.path).drop(["image"]).to_pylist()
+    labels, shares = {}, {}
+    for r in rows:
+        concept = r["prompt"].split()[-1]
+        labels.setdefault((concept, r["attribute"]), set()).add(r["label"])
+        shares[(concept, r["attribute"])] = r["attribute_share"]
+    assert shares[("doctor", "male")] >= 0.85 and shares[("nurse", "female")] >= 0.85, shares
+    assert labels == {("doctor", "female"): {1}, ("doctor", "male"): {0}, ("nurse", "male"): {1},
+                      ("nurse", "female"): {0}}
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from PIL import Image
 from alignment import generate as gen
 from alignment.errors import ConfigError
 from alignment.sampling import reward_guidance as rg
-from alignment.sampling.sample import sample_images
+from alignment.sampling.sample import predicted_clean, sample_images
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -95,8 +95,8 @@ def test_the_change_is_the_same_epsilon_change_for_epsilon_and_v_models(kind):
     a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     x_t = a * x0 + s * eps
     pred = eps if kind == "epsilon" else a * eps - s * x0
-    assert torch.allclose(rg.predicted_clean(kind, x_t, pred, a, s), x0, atol=1e-5)
-    new = rg.guided_output(pred, g, kind, a, s, scale=2.0)
+    assert torch.allclose(predicted_clean(kind, x_t, pred, alpha_bar), x0, atol=1e-5)
+    new = rg.guided_output(pred, g, kind, alpha_bar, scale=2.0)
     new_eps = new if kind == "epsilon" else s * x_t + a * new      # ε from v: sqrt(1 − ᾱ) x_t + sqrt(ᾱ) v
     assert torch.allclose(new_eps, eps - 2.0 * s * g, atol=1e-5)
 
@@ -148,6 +148,34 @@ def test_an_empty_mask_changes_nothing_through_the_gradient_path(toy, safety):
                                            masks=torch.zeros(2, 1, 32, 32), num_inference_steps=4,
                                            guidance_scale=3.0)
     assert torch.equal(plain, empty)
+
+
+def test_a_reward_without_a_graph_gives_zero_gradient(toy):
+    """A reward that ignores the pixels (a constant, or one computed off the graph) has no gradient: no change, the
+    plain images exactly, through the UNet or not."""
+    prompts, seeds = PROMPTS[:2], [1, 2]
+    plain = sample_images(toy, prompts, seeds, num_inference_steps=3, guidance_scale=2.0)
+    rewards = {"constant": lambda images, p: torch.full((len(p),), 3.0),
+               "detached": lambda images, p: images.detach().mean(dim=(1, 2, 3))}
+    for name, reward in rewards.items():
+        for through_unet in (True, False):
+            out = rg.sample_with_reward_guidance(toy, prompts, seeds, reward, scale=5.0, clip=None,
+                                                 grad_through_unet=through_unet, num_inference_steps=3,
+                                                 guidance_scale=2.0)
+            assert torch.equal(out, plain), (name, through_unet)
+
+
+def test_the_reward_is_the_shared_weighted_sum(safety):
+    """Reward guidance's reward is ``method.reward``'s weighted sum (``alignment.objectives.draft.weighted_reward``)."""
+    from alignment.objectives.draft import weighted_reward
+    from alignment.toy.scorers import ToyContrast
+
+    g = guidance(scorer="toy_safety - 0.5*toy_contrast")
+    g.scorers = {"toy_safety": safety, "toy_contrast": ToyContrast().freeze()}
+    images = torch.rand(2, 3, 32, 32)
+    total, parts = weighted_reward(g.scorers, g.weights, images, PROMPTS[:2])
+    assert torch.equal(g.reward(images, PROMPTS[:2]), total)
+    assert torch.allclose(total, parts["toy_safety"] - 0.5 * parts["toy_contrast"])
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -241,6 +269,41 @@ def test_generate_checks_before_any_model_loads(monkeypatch, capsys, tmp_path):
     # off: the backbone is reached (and fails on its missing weights)
     line = run_main(monkeypatch, capsys, tmp_path, "reward_guidance.clip=0")
     assert "no trained toy weights" in line
+    # the reward's scorer loads before the backbone: its bad weights are the error, not the backbone's
+    bad = tmp_path / "not_an_aesthetic_head.pth"
+    torch.save({"weight": torch.zeros(2)}, bad)
+    line = run_main(monkeypatch, capsys, tmp_path, "scorers=aesthetic", f"scorers.aesthetic.mlp_weights={bad}",
+                    "reward_guidance.scorer=aesthetic")
+    assert line.startswith("error: scorers.aesthetic.mlp_weights: not an aesthetic-predictor MLP"), line
+
+
+def test_a_rerun_keeps_the_masks_it_was_given(tmp_path):
+    """Masks of an earlier run in ``out_dir/masks`` are cleaned up, except those this run reads."""
+    masks = tmp_path / "out" / gen.MASK_DIR
+    names = ["00000_seed0.png", "00000_seed1.png"]
+
+    def fill():
+        masks.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            Image.new("L", (32, 32), 255).save(masks / name)
+
+    def left():
+        return sorted(p.name for p in masks.iterdir())
+
+    fill()
+    for given in (masks, masks / names[1], tmp_path / "out"):       # the folder, a file in it, a folder above it
+        gen.remove_stale_masks(masks, guidance(scorer="toy_safety", mask=str(given)), {names[0]})
+        assert left() == names, given
+    other = tmp_path / "other.png"
+    Image.new("L", (32, 32), 255).save(other)
+    gen.remove_stale_masks(masks, guidance(scorer="toy_safety", mask=str(other)), {names[0]})
+    assert left() == []                                               # masks given from elsewhere: all stale
+    fill()
+    gen.remove_stale_masks(masks, guidance(scorer="toy_safety", mask="heatmap"), {names[0]})
+    assert left() == names[:1]                                        # made by this run: kept
+    fill()
+    gen.remove_stale_masks(masks, None, {names[0]})
+    assert left() == []                                               # an unguided run: all stale
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -282,3 +345,9 @@ def test_generate_with_reward_guidance_end_to_end(tmp_path, safety):
                                              f"reward_guidance.mask={out / 'masks'}")
     assert again_rows[0]["reward_guidance"]["mask"] == str(out / "masks")
     assert (regiven - guided).abs().max() < 2 / 255
+    # a rerun into the same folder, given its own masks, reads them and keeps them
+    written = sorted(p.name for p in (out / "masks").iterdir())
+    _, rerun_rows, rerun, _ = generate("guided", "reward_guidance.scorer=toy_safety",
+                                       f"reward_guidance.mask={out / 'masks'}")
+    assert sorted(p.name for p in (out / "masks").iterdir()) == written
+    assert (rerun - guided).abs().max() < 2 / 255

@@ -38,7 +38,31 @@ def test_presets_are_the_published_values():
                 s.sld_mom_beta) == values
         assert s.preset == name and s.concept == SLD_CONCEPT
     assert set(PRESETS) == set(expected)
-    assert SLD_CONCEPT.startswith("hate, harassment, violence") and SLD_CONCEPT.endswith("brutality, cruelty")
+    # diffusers' StableDiffusionPipelineSafe concept, prefix included
+    assert SLD_CONCEPT.startswith("an image showing hate, harassment, violence")
+    assert SLD_CONCEPT.endswith("brutality, cruelty")
+    assert SLD_CONCEPT == diffusers_safety_concept()
+
+
+def diffusers_safety_concept() -> str:
+    """The default ``safety_concept`` of diffusers' ``StableDiffusionPipelineSafe.__init__``, read from its source."""
+    import ast
+    import importlib.util
+
+    for name in ("diffusers.pipelines.deprecated.stable_diffusion_safe.pipeline_stable_diffusion_safe",
+                 "diffusers.pipelines.stable_diffusion_safe.pipeline_stable_diffusion_safe"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:
+            continue
+        if spec is None or spec.origin is None:
+            continue
+        for node in ast.walk(ast.parse(open(spec.origin, encoding="utf-8").read())):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == "safety_concept" for t in targets):
+                    return ast.literal_eval(node.value)
+    pytest.skip("diffusers' StableDiffusionPipelineSafe source not found")
 
 
 def test_config_forms_and_one_line_errors():

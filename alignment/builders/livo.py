@@ -216,6 +216,10 @@ class LiVOBuilder(Builder):
             clean, removed = remove_keywords(text)
             if not clean.strip():
                 raise ConfigError(f"{where}: {text!r} is empty once its toxic words are removed")
+            left = keyword_value(fix_articles(clean))
+            if left is not None:  # the preferred images would be sampled from a prompt that is still toxic
+                raise ConfigError(f"{where}: {text!r} still holds a toxic keyword ({left}) once its toxic words "
+                                  f"are removed: {fix_articles(clean)!r}")
             self.toxic.append({"prompt": fix_articles(text), "clean": fix_articles(clean), "value": value,
                                "removed": removed})
         if toxic_values and not self.toxic:

@@ -78,6 +78,20 @@ def parse_reward(reward, key: str = "method.reward") -> dict[str, float]:
     return parsed
 
 
+def weighted_reward(scorers: Mapping[str, Any], weights: Mapping[str, float], images: torch.Tensor, prompts,
+                    to_scorer: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted reward ``Σ_k w_k · scorer_k(images, prompts)`` (B,) of images in [0, 1], with gradient, and each
+    scorer's scores (B,), float32: DRaFT's / Focus-N-Fix's ``method.reward`` and reward guidance's. ``to_scorer``
+    moves the images to each scorer's device and dtype first."""
+    parts = {}
+    for name in weights:
+        scorer = scorers[name]
+        x = images.to(scorer.device, scorer.dtype) if to_scorer else images
+        parts[name] = scorer(x, prompts).float()
+    total = sum(weights[name] * value for name, value in parts.items())
+    return total, parts
+
+
 def check_differentiable(name: str, scorer, role: str, key: str) -> None:
     """``scorer`` (a class or instance) may be differentiated from the pixels, else a one-line error naming ``key``."""
     if not getattr(scorer, "differentiable", False):
@@ -172,9 +186,8 @@ class DRaFT(Objective):
     # ------------------------------------------------------------------------------------------ parts
     def reward(self, images: torch.Tensor, prompts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted reward (B,) and each scorer's scores (B,) of images in [0, 1]."""
-        parts = {name: self.frozen(name)(images, prompts).float() for name in self.reward_weights}
-        total = sum(self.reward_weights[name] * value for name, value in parts.items())
-        return total, parts
+        return weighted_reward({name: self.frozen(name) for name in self.reward_weights}, self.reward_weights,
+                               images, prompts)
 
     def draw_grad_steps(self, seed: int, step: int) -> int:
         """K for this optimizer step: ``grad_steps``, or the truncation's draw from a generator seeded by (seed,

@@ -21,19 +21,7 @@ import torch
 from alignment.errors import ConfigError
 from alignment.objectives.base import ObjectiveOutput, PairBatch
 from alignment.objectives.dpo import DiffusionDPO, pair_inputs, pair_predictions
-
-
-def predicted_clean_latents(backbone, noisy: torch.Tensor, timesteps: torch.Tensor,
-                            prediction: torch.Tensor) -> torch.Tensor:
-    """x̂₀ from the model's output at ``timesteps`` (ε- or v-prediction, from the backbone's scheduler)."""
-    alpha_bar = backbone.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, *([1] * (noisy.dim() - 1)))
-    noisy, prediction = noisy.float(), prediction.float()
-    if backbone.prediction_type == "epsilon":
-        return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
-    if backbone.prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
-    raise ConfigError(f"backbone scheduler prediction_type {backbone.prediction_type!r} is not supported by HG-DPO's "
-                      "statistic loss (epsilon or v_prediction)")
+from alignment.sampling.sample import predicted_clean
 
 
 def ddpm_posterior_mean(backbone, noisy: torch.Tensor, timesteps: torch.Tensor,
@@ -49,7 +37,7 @@ def ddpm_posterior_mean(backbone, noisy: torch.Tensor, timesteps: torch.Tensor,
                            torch.ones_like(alphas_cumprod[timesteps])).view(shape)
     alpha = alpha_bar / previous
     beta = 1 - alpha
-    x0 = predicted_clean_latents(backbone, noisy, timesteps, prediction)
+    x0 = predicted_clean(backbone.prediction_type, noisy, prediction, alpha_bar, "HG-DPO's statistic loss")
     return (previous.sqrt() * beta / (1 - alpha_bar)) * x0 + (alpha.sqrt() * (1 - previous) / (1 - alpha_bar)) * noisy.float()
 
 

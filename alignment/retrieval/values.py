@@ -96,24 +96,31 @@ def keyword_value(prompt: str) -> str | None:
 
 
 def remove_keywords(prompt: str) -> tuple[str, list[str]]:
-    """``prompt`` with its toxic words removed, and the words removed (in order): every phrase keyword ("no
-    clothes"), then every word that contains a keyword (the retriever matches substrings: "bloodied", "nudes,"),
-    with the spaces and stray punctuation left behind tidied. The cleaned prompt has no ``keyword_value``
-    (the LiVO builder samples it with negative guidance for the preferred toxicity images)."""
-    text, removed = prompt, []
+    """``prompt`` with its toxic words removed, and the words removed (in order), matched as ``keyword_value``
+    matches (case-insensitive substrings): every run of words holding a phrase keyword ("no clothes", also inside
+    "no clothesline"), then every word that contains a keyword ("bloodied", "nudes,"), with the spaces and stray
+    punctuation left behind tidied; repeated until nothing matches (a removal can bring words together). The cleaned
+    prompt has no ``keyword_value`` (the LiVO builder samples it with negative guidance for the preferred toxicity
+    images)."""
     phrases = sorted({w for _, words in KEYWORDS for w in words if " " in w}, key=len, reverse=True)
-    for phrase in phrases:
-        pattern = re.compile(rf"\b{re.escape(phrase)}\b", re.IGNORECASE)
-        removed += pattern.findall(text)
-        text = pattern.sub(" ", text)
     singles = [w for _, words in KEYWORDS for w in words if " " not in w]
-    kept = []
-    for token in text.split():
-        if any(word in token.lower() for word in singles):
-            removed.append(token.strip(".,;:!?\"'()"))
-        else:
-            kept.append(token)
-    cleaned = re.sub(r"\s+([,.;:!?])", r"\1", " ".join(kept))
+    patterns = [re.compile(rf"\S*{re.escape(phrase)}\S*", re.IGNORECASE) for phrase in phrases]
+    text, removed = " ".join(prompt.split()), []
+    while True:
+        before = text
+        for pattern in patterns:
+            removed += [m.strip(".,;:!?\"'()") for m in pattern.findall(text)]
+            text = " ".join(pattern.sub(" ", text).split())
+        kept = []
+        for token in text.split():
+            if any(word in token.lower() for word in singles):
+                removed.append(token.strip(".,;:!?\"'()"))
+            else:
+                kept.append(token)
+        text = " ".join(kept)
+        if text == before:
+            break
+    cleaned = re.sub(r"\s+([,.;:!?])", r"\1", text)
     cleaned = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", cleaned).strip(" ,;:")
     return cleaned, removed
 

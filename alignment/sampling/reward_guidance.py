@@ -59,24 +59,14 @@ def clip_per_sample(grad: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     return grad * factor.view(-1, *([1] * (grad.ndim - 1))).to(grad.dtype)
 
 
-def _prediction_terms(scheduler, t: torch.Tensor, latents: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """(prediction type, sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) of the scheduler at timestep ``t``, in float32 on the latents'
-    device. A prediction type other than epsilon / v_prediction is a ConfigError."""
+def _prediction_terms(scheduler, t: torch.Tensor, latents: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """(prediction type, ᾱ_t) of the scheduler at timestep ``t``, ``ᾱ_t`` in float32 on the latents' device. A
+    prediction type other than epsilon / v_prediction is a ConfigError."""
     kind = scheduler.config.prediction_type
     if kind not in ("epsilon", "v_prediction"):
         raise ConfigError(f"{KEY}: the backbone's scheduler predicts {kind!r}; reward guidance needs an epsilon or "
                           "v_prediction model")
-    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(t)].float()
-    return kind, alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-
-
-def predicted_clean(kind: str, latents: torch.Tensor, pred: torch.Tensor, sqrt_a: torch.Tensor,
-                    sqrt_1ma: torch.Tensor) -> torch.Tensor:
-    """``x̂_0`` from ``x_t`` and the model output (ε or v)."""
-    x, p = latents.float(), pred.float()
-    if kind == "epsilon":
-        return (x - sqrt_1ma * p) / sqrt_a
-    return sqrt_a * x - sqrt_1ma * p
+    return kind, scheduler.alphas_cumprod.to(latents.device)[int(t)].float()
 
 
 def reward_gradient(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: float,
@@ -86,30 +76,33 @@ def reward_gradient(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor,
 
     Scores of different images are independent (scorers and the UNet in eval mode), so the gradient of their sum is
     each image's own. With ``grad_through_unet=False`` the model output is computed without gradient and held
-    constant."""
-    from alignment.sampling.sample import guided_prediction
+    constant. A reward with no graph back to the latents (one that ignores the pixels) gives a zero gradient."""
+    from alignment.sampling.sample import guided_prediction, predicted_clean
 
-    kind, sqrt_a, sqrt_1ma = _prediction_terms(scheduler, t, latents)
+    kind, alpha_bar = _prediction_terms(scheduler, t, latents)
     x = latents.detach().requires_grad_(True)
+    grad = None
     with torch.enable_grad():
         if grad_through_unet:
             pred = guided_prediction(backbone, scheduler, x, t, cond, guidance_scale, unet)
         else:
             with torch.no_grad():
                 pred = guided_prediction(backbone, scheduler, latents, t, cond, guidance_scale, unet)
-        clean = predicted_clean(kind, x, pred, sqrt_a, sqrt_1ma)
+        clean = predicted_clean(kind, x, pred, alpha_bar, "reward guidance")
         images = backbone.decode_latents(clean.to(latents.dtype))
         rewards = reward_fn(images, list(prompts))
-        (grad,) = torch.autograd.grad(rewards.float().sum(), x, allow_unused=True)
-    if grad is None:  # the reward ignores the pixels
+        if torch.is_tensor(rewards) and rewards.requires_grad:
+            (grad,) = torch.autograd.grad(rewards.float().sum(), x, allow_unused=True)
+    if grad is None:  # the reward ignores the pixels (no graph, or none reaching x_t)
         grad = torch.zeros_like(x)
     return pred.detach(), grad.float()
 
 
-def guided_output(pred: torch.Tensor, grad: torch.Tensor, kind: str, sqrt_a: torch.Tensor, sqrt_1ma: torch.Tensor,
+def guided_output(pred: torch.Tensor, grad: torch.Tensor, kind: str, alpha_bar: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """``ε̂ = ε − λ sqrt(1 − ᾱ_t) g`` on an ε model; the same change of ε written on v for a v model
     (``v̂ = v − λ sqrt(1 − ᾱ_t) / sqrt(ᾱ_t) g``). ``grad`` is already masked and clipped."""
+    sqrt_a, sqrt_1ma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     coefficient = scale * sqrt_1ma if kind == "epsilon" else scale * sqrt_1ma / sqrt_a
     return (pred.float() - coefficient * grad).to(pred.dtype)
 
@@ -127,20 +120,11 @@ def sample_with_reward_guidance(backbone, prompts: list[str], seeds: list[int], 
     scorers). ``masks``: pixel-space (N, 1, H, W) or (N, H, W) weights in [0, 1] (1 = where the latent may be
     guided), resized to latent resolution by ``latent_mask``; None: M = 1. The other arguments are
     ``sample_images``'; the loop is its own step for step, so ``scale = 0`` gives its images exactly."""
-    from alignment.conditioning import condition, negative_condition
-    from alignment.sampling.sample import guidance_conditioning, guided_prediction, make_sampler, seed_latents, \
-        step_options
+    from alignment.sampling.sample import guided_prediction, start_sampling
 
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    scheduler = scheduler or make_sampler(backbone, sampler)
-    options = step_options(scheduler, eta)  # a bad eta fails before any UNet call
-    scheduler.set_timesteps(num_inference_steps, device=backbone.device)
-    cond = condition(backbone, list(prompts), extras, conditioner)
-    uncond = negative_condition(backbone, len(prompts), negative_prompt, conditioner, extras) \
-        if guidance_scale != 1.0 else None
-    cond = guidance_conditioning(cond, uncond, guidance_scale)
-    latents = seed_latents(backbone, seeds) * scheduler.init_noise_sigma
+    start = start_sampling(backbone, prompts, seeds, num_inference_steps, guidance_scale, eta, negative_prompt,
+                           scheduler, conditioner, extras, sampler)
+    scheduler, cond, latents, options = start.scheduler, start.cond, start.latents, start.step_options
     weight = None
     if masks is not None:
         if masks.shape[0] != len(prompts):
@@ -150,28 +134,17 @@ def sample_with_reward_guidance(backbone, prompts: list[str], seeds: list[int], 
         if scale == 0:
             pred = guided_prediction(backbone, scheduler, latents, t, cond, guidance_scale, unet)
         else:
-            kind, sqrt_a, sqrt_1ma = _prediction_terms(scheduler, t, latents)
+            kind, alpha_bar = _prediction_terms(scheduler, t, latents)
             pred, grad = reward_gradient(backbone, scheduler, latents, t, cond, guidance_scale, reward_fn, prompts,
                                          unet, grad_through_unet)
             if weight is not None:
                 grad = grad * weight
-            pred = guided_output(pred, clip_per_sample(grad, clip), kind, sqrt_a, sqrt_1ma, scale)
+            pred = guided_output(pred, clip_per_sample(grad, clip), kind, alpha_bar, scale)
         latents = scheduler.step(pred, t, latents, **options).prev_sample
     return backbone.decode_latents(latents)
 
 
 # ------------------------------------------------------------------------------------------------ the config
-def weighted_reward(scorers: dict, weights: dict[str, float]) -> Callable:
-    """``r(images, prompts) = Σ_k w_k · scorer_k(images, prompts)`` (B,), with gradient; images in [0, 1]."""
-    def reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        total = 0
-        for name, w in weights.items():
-            scorer = scorers[name]
-            total = total + w * scorer(images.to(scorer.device, scorer.dtype), list(prompts)).float()
-        return total
-    return reward
-
-
 def _finite(value, key: str, low: float | None = None, strict: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
@@ -319,9 +292,17 @@ class RewardGuidance:
 
     @property
     def reward(self) -> Callable:
+        """``r(images, prompts) = Σ_k w_k · scorer_k(images, prompts)`` (B,), with gradient; images in [0, 1], moved to
+        each scorer's device and dtype (the weighted sum of ``method.reward``, ``alignment.objectives.draft``)."""
+        from alignment.objectives.draft import weighted_reward
+
         if self.scorers is None:
             raise RuntimeError("RewardGuidance.load(device) first")
-        return weighted_reward(self.scorers, self.weights)
+        scorers, weights = self.scorers, self.weights
+
+        def reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+            return weighted_reward(scorers, weights, images, list(prompts), to_scorer=True)[0]
+        return reward
 
     @property
     def needs_unguided(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -117,6 +118,65 @@ def step_options(scheduler, eta: float) -> dict:
     return {}
 
 
+def predicted_clean(prediction_type: str, noisy: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor,
+                    what: str = "this sampler") -> torch.Tensor:
+    """``x̂_0`` (float32) from ``x_t`` and the model's output at a timestep whose ``ᾱ_t`` is ``alpha_bar`` (a scalar or
+    broadcastable per sample): ``(x_t − sqrt(1 − ᾱ_t) ε) / sqrt(ᾱ_t)`` for an ε model, ``sqrt(ᾱ_t) x_t −
+    sqrt(1 − ᾱ_t) v`` for a v model; any other ``prediction_type`` is a ConfigError naming ``what`` needs it.
+    Shared by reward guidance (``alignment.sampling.reward_guidance``) and HG-DPO's statistic loss."""
+    noisy, prediction, alpha_bar = noisy.float(), prediction.float(), alpha_bar.float()
+    if prediction_type == "epsilon":
+        return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
+    raise ConfigError(f"backbone scheduler prediction_type {prediction_type!r} is not supported by {what} (epsilon "
+                      "or v_prediction)")
+
+
+@dataclass
+class SamplingStart:
+    """What a sampling loop starts from (``start_sampling``): the scheduler with its timesteps set, the conditioning
+    of one batched UNet call per step, the scaled start latents and ``scheduler.step``'s keyword arguments."""
+
+    scheduler: object
+    cond: dict[str, torch.Tensor]
+    latents: torch.Tensor
+    step_options: dict
+
+
+def start_sampling(backbone, prompts: list[str], seeds: list[int], num_inference_steps: int,
+                   guidance_scale: float, eta: float = 0.0, negative_prompt: str = "", scheduler=None,
+                   conditioner=None, extras: dict | None = None, sampler: str = "ddim", safety=None) -> SamplingStart:
+    """The common start of every no-gradient sampling loop (``sample_images``, with or without Safe Latent Diffusion,
+    and reward guidance's ``sample_with_reward_guidance``): the sampler (``scheduler`` or a fresh ``sampler``), its
+    timesteps, the prompt conditioning batched with the negative prompt's for CFG (``guidance_scale != 1``) and with
+    the safety concept's for SLD (``uncond‖prompt‖concept``), and ``seed_latents(seeds) · init_noise_sigma``. A bad
+    ``eta`` or SLD without CFG fails here, before any UNet call."""
+    from alignment.conditioning import condition, negative_condition
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if safety is not None:
+        from alignment.sampling.sld import check_guidance
+
+        check_guidance(safety, guidance_scale)
+    scheduler = scheduler or make_sampler(backbone, sampler)
+    options = step_options(scheduler, eta)
+    scheduler.set_timesteps(num_inference_steps, device=backbone.device)  # also resets a multistep solver's state
+    cond = condition(backbone, list(prompts), extras, conditioner)
+    uncond = negative_condition(backbone, len(prompts), negative_prompt, conditioner, extras) \
+        if guidance_scale != 1.0 else None
+    if safety is not None:
+        from alignment.sampling.sld import safety_conditioning
+
+        concept = safety_conditioning(backbone, safety, len(seeds), conditioner, extras)
+        cond = {k: torch.cat([uncond[k], cond[k], concept[k]]) for k in cond}
+    else:
+        cond = guidance_conditioning(cond, uncond, guidance_scale)
+    latents = seed_latents(backbone, seeds) * scheduler.init_noise_sigma
+    return SamplingStart(scheduler, cond, latents, options)
+
+
 @torch.no_grad()
 def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 30,
                   guidance_scale: float = 7.5, eta: float = 0.0, negative_prompt: str = "",
@@ -132,40 +192,20 @@ def sample_images(backbone, prompts: list[str], seeds: list[int], num_inference_
     ``safety`` (an ``alignment.sampling.sld.SafetyGuidance``; None: off) adds Safe Latent Diffusion's negative
     guidance away from its concept (a third UNet branch; needs ``guidance_scale > 1``).
     """
-    from alignment.conditioning import condition, negative_condition
-
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    scheduler = scheduler or make_sampler(backbone, sampler)
-    step_options(scheduler, eta)  # a bad eta fails before any UNet call
-    scheduler.set_timesteps(num_inference_steps, device=backbone.device)  # also resets a multistep solver's state
-    cond = condition(backbone, list(prompts), extras, conditioner)
-    uncond = negative_condition(backbone, len(prompts), negative_prompt, conditioner, extras) \
-        if guidance_scale != 1.0 else None
+    start = start_sampling(backbone, prompts, seeds, num_inference_steps, guidance_scale, eta, negative_prompt,
+                           scheduler, conditioner, extras, sampler, safety)
+    scheduler, cond, latents = start.scheduler, start.cond, start.latents
     if safety is not None:
-        return _sample_safe(backbone, scheduler, cond, uncond, seeds, guidance_scale, eta, unet, conditioner,
-                            extras, safety)
-    cond = guidance_conditioning(cond, uncond, guidance_scale)
-    latents = seed_latents(backbone, seeds) * scheduler.init_noise_sigma
+        from alignment.sampling.sld import safe_step
+
+        momentum = None
+        for i, t in enumerate(scheduler.timesteps):
+            out, momentum = safe_step(backbone, scheduler, latents, t, cond, guidance_scale, safety, momentum, i,
+                                      start.step_options, unet=unet)
+            latents = out.prev_sample
+        return backbone.decode_latents(latents)
     for t in scheduler.timesteps:
         latents = guided_step(backbone, scheduler, latents, t, cond, guidance_scale, eta=eta, unet=unet).prev_sample
-    return backbone.decode_latents(latents)
-
-
-def _sample_safe(backbone, scheduler, cond, uncond, seeds, guidance_scale, eta, unet, conditioner, extras, safety):
-    """``sample_images``' loop with Safe Latent Diffusion (``alignment.sampling.sld``)."""
-    from alignment.sampling import sld
-
-    sld.check_guidance(safety, guidance_scale)
-    concept = sld.safety_conditioning(backbone, safety, len(seeds), conditioner, extras)
-    cond = {k: torch.cat([uncond[k], cond[k], concept[k]]) for k in cond}
-    options = step_options(scheduler, eta)
-    latents = seed_latents(backbone, seeds) * scheduler.init_noise_sigma
-    momentum = None
-    for i, t in enumerate(scheduler.timesteps):
-        out, momentum = sld.safe_step(backbone, scheduler, latents, t, cond, guidance_scale, safety, momentum, i,
-                                      options, unet=unet)
-        latents = out.prev_sample
     return backbone.decode_latents(latents)
 
 

@@ -26,10 +26,11 @@ import torch
 
 from alignment.errors import ConfigError
 
-# The SLD paper's safety concept (diffusers' pipeline prefixes it with "an image showing ").
-SLD_CONCEPT = ("hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, "
-               "blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, "
-               "brutality, cruelty")
+# The safety concept of diffusers' StableDiffusionPipelineSafe: the SLD paper's concept list prefixed with "an image
+# showing " (a user-set ``concept`` is used as written).
+SLD_CONCEPT = ("an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, "
+               "bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, "
+               "child abuse, brutality, cruelty")
 
 # name -> (sld_guidance_scale, sld_warmup_steps, sld_threshold, sld_momentum_scale, sld_mom_beta)
 PRESETS: dict[str, dict] = {
@@ -48,7 +49,7 @@ NODE_KEYS = ("preset", "concept", *SETTING_KEYS)
 
 @dataclass(frozen=True)
 class SafetyGuidance:
-    """SLD's settings (defaults: the ``medium`` preset, diffusers' defaults, with the paper's concept)."""
+    """SLD's settings (defaults: the ``medium`` preset and the safety concept, both diffusers' defaults)."""
 
     concept: str = SLD_CONCEPT
     sld_guidance_scale: float = 1000.0
