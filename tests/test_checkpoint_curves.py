@@ -99,13 +99,19 @@ def test_one_row_per_step_plots_and_report(curves, checkpointed_run):
     assert data["x"] == "step" and data["fixed_models"] == ["base"]
     assert [p["x"] for p in data["points"]] == [float(s) for s in STEPS]
     names = data["metrics"]
-    assert {"mean/toy_contrast", "win_rate/toy_contrast/over_base", "delta/toy_contrast" if any(
-        n.startswith("delta/") for n in names) else "mean/toy_centring"} <= set(names)
+    assert {"mean/toy_contrast", "mean/toy_centring", "win_rate/toy_contrast/over_base", "delta/toy_contrast",
+            "delta/toy_centring"} <= set(names)
     win = [p["metrics"]["win_rate/toy_contrast/over_base"] for p in data["points"]]
     assert all(w["low"] is not None and w["low"] <= w["value"] <= w["high"] for w in win)   # an interval band
     metrics = json.loads((out / "metrics.json").read_text())
     rows_wr = {(r["model_a"], r["model_b"], r["scorer"]): r for r in metrics["win_rate"]["rows"]}
     assert win[0]["value"] == rows_wr[("step_000001", "base", "toy_contrast")]["rate"]
+    for scorer in ("toy_contrast", "toy_centring"):   # Δscore against the base per step, with its interval
+        delta = [p["metrics"][f"delta/{scorer}"] for p in data["points"]]
+        expected = [metrics["reward_delta"]["models"][f"step_{s:06d}"][scorer] for s in STEPS]
+        assert [(d["value"], d["low"], d["high"]) for d in delta] == [(e["value"], e["low"], e["high"])
+                                                                      for e in expected]
+        assert all(d["low"] is not None and d["low"] <= d["value"] <= d["high"] for d in delta)
     assert data["references"]["base"]["mean/toy_contrast"]["value"] == \
         metrics["mean_scores"]["base"]["toy_contrast"]["mean"]
     report = (out / "report.html").read_text()

@@ -231,11 +231,15 @@ def test_color_change_fid_bias_toxicity_match_direct_computation(evaluated, file
         per_prompt = {name: rgb_to_hsv(x).double().mean(dim=(2, 3)).view(prompts, k, 3).mean(1).numpy()
                       for name, x in (("own", images), ("ref", base))}
         wr = metrics["win_rate"]
-        index = np.random.default_rng(wr["seed"]).integers(0, prompts, size=(wr["num_bootstrap"], prompts))
+        # alignment.metrics.bootstrap's stream: row r of one torch.randint draw from a generator seeded with seed
+        generator = torch.Generator().manual_seed(wr["seed"])
+        index = torch.randint(0, prompts, (wr["num_bootstrap"], prompts), generator=generator).numpy()
         ref = per_prompt["ref"][index].mean(1)
         draws = 100 * (per_prompt["own"][index].mean(1) - ref) / ref
         tail = 100 * (1 - wr["confidence"]) / 2
         assert [signed[c]["low"] for c in "HSV"] == pytest.approx(list(np.percentile(draws, tail, axis=0)), rel=1e-9)
+        assert [signed[c]["high"] for c in "HSV"] == pytest.approx(list(np.percentile(draws, 100 - tail, axis=0)),
+                                                                   rel=1e-9)
         mask = torch.stack([torch.from_numpy(np.asarray(Image.open(files["masks"] / name).convert("L").resize(
             (32, 32), Image.BILINEAR), np.float32) / 255.0)
             for name in ("00000.png", "00000.png", "00001_seed3.png", "00001.png")])

@@ -274,22 +274,36 @@ def _inception_score(node) -> dict:
             "splits": positive_int(node.get("splits", 10), f"{key}.splits")}
 
 
+def named_attribute_sets() -> dict[str, tuple[str, ...]]:
+    """The attribute groups ``metrics.bias.groups`` names: gender, race (the CLIP classifier's sets) and tone (the
+    toy world's five head tones, which play race there)."""
+    from alignment.scorers.clip_scorers import ATTRIBUTE_SETS
+    from alignment.toy.world import TONES
+
+    return {**ATTRIBUTE_SETS, "tone": tuple(TONES)}
+
+
 def bias_groups(groups, key: str = "metrics.bias.groups") -> dict[str, list[str]] | None:
-    """``null`` (the classifier's own attributes), a named set (``gender``, ``race``), or a list whose items are
-    named sets or lists of attribute words; each item is one attribute group with its own D1 / D2."""
-    from alignment.scorers.clip_scorers import ATTRIBUTE_SETS, resolve_attributes
+    """``null`` (the classifier's own attributes), a named set (``gender``, ``race``, the toy world's ``tone``), or a
+    list whose items are named sets or lists of attribute words; each item is one attribute group with its own
+    D1 / D2."""
+    from alignment.scorers.clip_scorers import resolve_attributes
 
     if groups is None:
         return None
+    named = named_attribute_sets()
     groups = OmegaConf.to_container(groups) if isinstance(groups, (ListConfig, DictConfig)) else groups
     if isinstance(groups, str):
         groups = [groups]
     if not isinstance(groups, list) or not groups:
-        raise ConfigError(f"{key} must be null, gender, race or a list of them / of attribute lists, got {groups!r}")
+        raise ConfigError(f"{key} must be null, {', '.join(named)} or a list of them / of attribute lists, "
+                          f"got {groups!r}")
     out: dict[str, list[str]] = {}
     for i, item in enumerate(groups):
-        attributes = list(resolve_attributes(item, f"{key}[{i}]"))
-        name = item if isinstance(item, str) and item in ATTRIBUTE_SETS else "/".join(attributes)
+        if isinstance(item, str) and item not in named:
+            raise ConfigError(f"{key}[{i}]: unknown attribute set {item!r} ({', '.join(named)} or a list)")
+        attributes = list(named[item]) if isinstance(item, str) else list(resolve_attributes(item, f"{key}[{i}]"))
+        name = item if isinstance(item, str) else "/".join(attributes)
         same = [g for g, values in out.items() if g == name or values == attributes]
         if same:
             raise ConfigError(f"{key}[{i}]: the attributes {', '.join(attributes)} are already group {same[0]!r}")
@@ -297,19 +311,78 @@ def bias_groups(groups, key: str = "metrics.bias.groups") -> dict[str, list[str]
     return out
 
 
+# a prompt-file field's text -> the bias group it names (metrics.bias.by); LiVO's values, or the group itself. The
+# toy world's tones play race, so its tone group counts the racial-equality prompts.
+BIAS_KINDS = {"gender": "gender", "gender equality": "gender", "race": "race", "racial": "race",
+              "racial equality": "race", "tone": "race"}
+
+
+def bias_kind(text) -> str:
+    """The bias group a field value or a group name stands for: "gender equality" / "gender" -> gender, "racial
+    equality" / "race" / "tone" -> race; any other text is itself (lower case), so a custom group's name matches."""
+    text = str(text).strip().lower()
+    return BIAS_KINDS.get(text, text)
+
+
 def _bias(node, scorer_names) -> dict:
     key = "metrics.bias"
     enabled = boolean(node.get("enabled", False), f"{key}.enabled")
-    out = {"enabled": enabled, "classifier": node.get("classifier"), "groups": None}
+    out = {"enabled": enabled, "classifier": node.get("classifier"), "groups": None, "by": node.get("by"),
+           "prompt_groups": None}
     if not enabled:
         return out
     out["classifier"] = scorer_name_check(node.get("classifier"), f"{key}.classifier", scorer_names,
                                           "ClipAttributeClassifier scorer")
     out["groups"] = bias_groups(node.get("groups"), f"{key}.groups")
+    by = out["by"]
+    if by is not None and (not isinstance(by, str) or not by.strip()):
+        raise ConfigError(f"{key}.by must be null or the name of a prompt-file field (category, value), got {by!r}")
     return out
 
 
-def _toxicity(node, scorer_names, k: int) -> dict:
+def prompt_bias_groups(bias: dict, extras: dict) -> list[str | None] | None:
+    """With ``metrics.bias.by``: the bias group each prompt's ``by`` field names (``bias_kind``), None for a prompt
+    without one (a toxicity prompt, an empty field). A field the prompts lack is an error."""
+    by = bias.get("by")
+    if not bias.get("enabled") or by is None:
+        return None
+    if by not in extras:
+        raise ConfigError(f"metrics.bias.by: the prompts have no field {by!r} (fields: {', '.join(extras) or 'none'})")
+    return [bias_kind(v) if v not in (None, "") else None for v in extras[by]]
+
+
+def bias_rows(bias: dict, group: str) -> list[int] | None:
+    """The prompts group ``group`` counts: with ``metrics.bias.by`` those whose field names it, else None (all)."""
+    if bias.get("prompt_groups") is None:
+        return None
+    kind = bias_kind(group)
+    return [i for i, g in enumerate(bias["prompt_groups"]) if g == kind]
+
+
+def check_bias_prompts(bias: dict, extras: dict) -> None:
+    """With ``metrics.bias.by`` and known groups: every group has at least one prompt (one line otherwise)."""
+    if bias.get("prompt_groups") is None or bias.get("groups") is None:
+        return
+    by = bias["by"]
+    for group in bias["groups"]:
+        if not bias_rows(bias, group):
+            seen = sorted({str(v) for v in extras.get(by, []) if v not in (None, "")})
+            raise ConfigError(f"metrics.bias.by: no prompt has a {by} naming group {group!r} (gender equality / "
+                              f"gender -> gender, racial equality / race -> race and tone; the prompts' {by} "
+                              f"values: {', '.join(seen[:10]) or 'none'})")
+
+
+def _judge_concepts(scorers_node, judge: str) -> tuple[type | None, set[str] | None]:
+    """The judge's class and the concepts it knows (lower case; None: any concept), from its config alone."""
+    from alignment.scorers.base import scorer_class
+
+    entry = scorers_node.get(judge) if scorers_node is not None and hasattr(scorers_node, "get") else None
+    cls = scorer_class(entry) if entry is not None else None
+    known = getattr(cls, "known_concepts", None)
+    return cls, ({str(c).strip().lower() for c in known} if known is not None else None)
+
+
+def _toxicity(node, scorer_names, k: int, scorers_node=None) -> dict:
     key = "metrics.toxicity"
     enabled = boolean(node.get("enabled", False), f"{key}.enabled")
     out = {"enabled": enabled, "judge": node.get("judge"), "concept": node.get("concept"),
@@ -325,16 +398,23 @@ def _toxicity(node, scorer_names, k: int) -> dict:
                           f"(got {k}); lower {key}.k or set {key}.incomplete=keep")
     if out["concept"] is not None and (not isinstance(out["concept"], str) or not out["concept"].strip()):
         raise ConfigError(f"{key}.concept must be null or a string, got {out['concept']!r}")
+    from alignment.scorers.toxicity import concept_of
+
     concepts = node.get("concepts")
     if concepts is not None:   # LiVO Table 2: one Avg.R / Avg.S / Max / Prob per concept
-        from alignment.scorers.toxicity import concept_of
-
         concepts = [concepts] if isinstance(concepts, str) else concepts
         if not isinstance(concepts, (ListConfig, list)) or not concepts or \
                 not all(isinstance(c, str) and c.strip() for c in concepts):
             raise ConfigError(f"{key}.concepts must be null or a list of concepts (e.g. [nudity, bloody, zombie]), "
                               f"got {concepts!r}")
         concepts = list(dict.fromkeys(concept_of(c) for c in concepts))
+    cls, known = _judge_concepts(scorers_node, out["judge"])
+    if known is not None:   # a judge of fixed concepts (the toy world's): an unknown one fails here, not mid-scoring
+        for name, values in (("concepts", concepts or []), ("concept", [out["concept"]] if out["concept"] else [])):
+            unknown = [c for c in values if concept_of(c).strip().lower() not in known]
+            if unknown:
+                raise ConfigError(f"{key}.{name}: judge {out['judge']!r} ({cls.__name__}) does not know the concept "
+                                  f"{unknown[0]!r} (it knows: {', '.join(sorted(known))})")
     by = node.get("by")
     if by is not None and (not isinstance(by, str) or not by.strip()):
         raise ConfigError(f"{key}.by must be null or the name of a prompt-file field (category, value), got {by!r}")
@@ -347,7 +427,7 @@ def _toxicity(node, scorer_names, k: int) -> dict:
     return out
 
 
-def prompt_concepts(toxicity: dict, extras: dict, num_prompts: int) -> list[str | None] | None:
+def prompt_concepts(toxicity: dict, extras: dict) -> list[str | None] | None:
     """With ``metrics.toxicity.by``: each prompt's concept among ``concepts`` (the prompt file's ``by`` field through
     ``concept_of``, case-insensitive: "nudity considered inappropriate" and "Nudity" are nudity), None for a prompt
     of no listed concept. A listed concept without prompts, or a field the file lacks, is an error."""
@@ -412,7 +492,7 @@ def build_plan(cfg: DictConfig) -> Plan:
     scorer_names = [str(n) for n in scorers_node] if scorers_node else []
     metrics = _node(cfg, "metrics")
     bias = _bias(_node(metrics, "bias"), scorer_names)
-    toxicity = _toxicity(_node(metrics, "toxicity"), scorer_names, k)
+    toxicity = _toxicity(_node(metrics, "toxicity"), scorer_names, k, scorers_node)
     exclude = {n for n in (bias["classifier"] if bias["enabled"] else None,
                            toxicity["judge"] if toxicity["enabled"] else None) if n}
     clip_score = metrics.get("clip_score")
@@ -440,7 +520,9 @@ def build_plan(cfg: DictConfig) -> Plan:
     prompts = [r["prompt"] for r in records]
     change = _change(change_node, prompts, seeds, scorers_node, scorer_names)
     extras = record_extras(records, dict.fromkeys(name for r in records for name in r if name != "prompt"))
-    toxicity["prompt_concepts"] = prompt_concepts(toxicity, extras, len(prompts))
+    bias["prompt_groups"] = prompt_bias_groups(bias, extras)
+    check_bias_prompts(bias, extras)
+    toxicity["prompt_concepts"] = prompt_concepts(toxicity, extras)
     image_values = None
     if retriever is not None and not any("value" in spec.conditioner_extras for spec in models.values()):
         print("warning: retriever: no model's conditioner reads a value; the retriever is not used", file=sys.stderr)

@@ -162,6 +162,9 @@ def metrics_sections(metrics: dict) -> str:
         headers = ["model"] + [f"{esc(g)} {d}" for g in groups for d in ("D1", "D2")]
         rows = [[esc(m)] + [fmt(v[g][d]) for g in groups for d in ("D1", "D2")] for m, v in b["models"].items()]
         described = "; ".join(f"{g}: {', '.join(a)}" for g, a in b["groups"].items())
+        if b.get("by"):   # metrics.bias.by: each group over the prompts whose field names it
+            described += "; prompts selected by their " + b["by"] + ": " + ", ".join(
+                f"{g} {n}" for g, n in b["num_prompts"].items())
         parts.append(f"<h2>Bias (LiVO D1, D2)</h2><p class=muted>classifier {esc(b['classifier'])}; "
                      f"{esc(described)}</p>" + table(headers, rows))
     if "toxicity" in metrics:

@@ -15,8 +15,9 @@ given) between the
 - FID (against the reference model's images; the reference itself is left out, its FID would be 0) and Inception
   Score from one Inception-v3 (local weight file) or, for FID, a scorer's L2-normalised CLIP image embedding
   (``scorer:<name>``: an FID-like distance in that feature space, not comparable with published FIDs);
-- LiVO bias (D1, D2 over the attribute classifier's argmax per image, per prompt) and toxicity (Avg.R, Avg.S, Max,
-  Prob from the judge's P(yes), groups of ``k`` images in seed order).
+- LiVO bias (D1, D2 over the attribute classifier's argmax per image, per prompt; with ``metrics.bias.by`` each
+  group over the prompts whose field names it) and toxicity (Avg.R, Avg.S, Max, Prob from the judge's P(yes), groups
+  of ``k`` images in seed order).
 
 Win rates (docs/evaluation.md#win-rate): best-of-k per prompt, ties half, percentile bootstrap over prompts, every
 ordered model pair and
@@ -164,12 +165,12 @@ def load_metric_models(plan: Plan, scorers: dict, device) -> dict:
             raise ConfigError(f"metrics.bias.classifier: scorer {plan.bias['classifier']!r} is not an attribute "
                               f"classifier (a ClipAttributeClassifier, e.g. scorers=[attributes])")
         if plan.bias["groups"] is None:  # the classifier's own attribute set
-            from alignment.evaluation.plan import bias_groups
-            from alignment.scorers.clip_scorers import ATTRIBUTE_SETS
+            from alignment.evaluation.plan import bias_groups, check_bias_prompts, named_attribute_sets
 
             own = list(classifier.attributes)
-            named = [name for name, values in ATTRIBUTE_SETS.items() if list(values) == own]
+            named = [name for name, values in named_attribute_sets().items() if list(values) == own]
             plan.bias["groups"] = bias_groups(named[:1] or [own])
+            check_bias_prompts(plan.bias, plan.extras)
     if plan.toxicity["enabled"]:
         judge = scorers[plan.toxicity["judge"]]
         if not takes_concepts(judge):
@@ -195,21 +196,6 @@ def _inception_outputs(model, images: torch.Tensor) -> tuple[torch.Tensor, torch
     return out.features.double().cpu(), out.logits.double().cpu()
 
 
-def judge_score(judge, images, prompts, batch_size: int, concepts) -> torch.Tensor:
-    """A toxicity judge's P(yes) with per-image ``concepts`` (None: its own concept), through its ``score`` when that
-    takes concepts (ToxicityJudge), else its forward (the toy judge)."""
-    import inspect
-
-    if concepts is None or "concepts" in inspect.signature(judge.score).parameters:
-        return judge.score(images, prompts, batch_size=batch_size, **({"concepts": concepts} if concepts else {}))
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(prompts), batch_size):
-            chunk = images[s:s + batch_size].to(judge.device, judge.dtype)
-            out.append(judge(chunk, prompts[s:s + batch_size], concepts=concepts[s:s + batch_size]).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 def _score_batch(name: str, scorer, images, prompts, plan: Plan, batch_size: int,
                  indices: list[int] | None = None) -> torch.Tensor:
     tox = plan.toxicity
@@ -223,7 +209,7 @@ def _score_batch(name: str, scorer, images, prompts, plan: Plan, batch_size: int
             concepts = [per_prompt[i] or tox["concept"] or tox["concepts"][0] for i in indices]
         elif tox["concept"] is not None:
             concepts = [tox["concept"]] * len(prompts)
-        return judge_score(scorer, images, prompts, batch_size, concepts)
+        return scorer.score(images, prompts, batch_size=batch_size, concepts=concepts)
     return scorer.score(images, prompts, batch_size=batch_size)
 
 
@@ -251,8 +237,8 @@ def model_pass(plan: Plan, model: str, folders: dict[str, Path], scorers: dict, 
                                                     [i for i, _, _ in batch]))
         for concept in (plan.toxicity.get("each_concept") or []) if plan.toxicity["enabled"] else []:
             judge = plan.toxicity["judge"]  # every image judged for every concept: one more (P, k) per concept
-            out["scores"][f"{judge}:{concept}"].append(judge_score(scorers[judge], images, prompts, bs,
-                                                                   [concept] * len(prompts)))
+            out["scores"][f"{judge}:{concept}"].append(scorers[judge].score(images, prompts, batch_size=bs,
+                                                                            concepts=[concept] * len(prompts)))
         if plan.bias["enabled"]:
             classifier = scorers[plan.bias["classifier"]]
             for group, attributes in plan.bias["groups"].items():
@@ -315,22 +301,20 @@ def _nanmean(t: torch.Tensor) -> float:
 
 def signed_color_shift(own: torch.Tensor, reference: torch.Tensor, num_bootstrap: int, confidence: float,
                        seed: int) -> dict:
-    """The signed colour shift ``100 · (m_model − m_ref) / m_ref`` per HSV channel with a percentile bootstrap interval
-    over prompts (both models resampled with the same prompts: a paired comparison; docs/evaluation.md#colour-shift).
-    ``own`` / ``reference``: (prompts, 3) per-prompt HSV means (every image of a model has the same size, so the mean
-    of the prompts' means is the pixel mean). An interval that excludes 0 is a shift beyond the prompts' noise."""
-    import numpy as np
+    """The signed colour shift ``100 · (m_model − m_ref) / m_ref`` per HSV channel with a percentile bootstrap
+    interval over prompts (both models resampled with the same prompts: a paired comparison;
+    docs/evaluation.md#colour-shift; ``alignment.metrics.bootstrap``). ``own`` / ``reference``: (prompts, 3)
+    per-prompt HSV means (every image of a model has the same size, so the mean of the prompts' means is the pixel
+    mean). An interval that excludes 0 is a shift beyond the prompts' noise."""
+    from alignment.metrics.bootstrap import quantile_interval, resampled_means
 
-    own, reference = own.numpy(), reference.numpy()
+    own, reference = own.double(), reference.double()
     value = 100.0 * (own.mean(0) - reference.mean(0)) / reference.mean(0)
     out = {c: {"value": finite(value[i]), "low": None, "high": None} for i, c in enumerate("HSV")}
     if num_bootstrap <= 0 or len(own) < 2:
         return out
-    index = np.random.default_rng(seed).integers(0, len(own), size=(num_bootstrap, len(own)))
-    ref_means = reference[index].mean(axis=1)
-    samples = 100.0 * (own[index].mean(axis=1) - ref_means) / ref_means
-    tail = 100.0 * (1.0 - confidence) / 2.0
-    low, high = np.percentile(samples, [tail, 100.0 - tail], axis=0)
+    means = resampled_means(torch.cat([own, reference], dim=1), num_bootstrap, seed)   # (B, 6): own H S V, ref H S V
+    low, high = quantile_interval(100.0 * (means[:, :3] - means[:, 3:]) / means[:, 3:], confidence)
     for i, c in enumerate("HSV"):
         out[c]["low"], out[c]["high"] = finite(low[i]), finite(high[i])
     return out
@@ -345,58 +329,77 @@ def _interval_dict(names, per_prompt, wr: dict, scale: float = 1.0) -> dict:
             for name, iv in zip(names, intervals)}
 
 
-def bias_intervals(probs: torch.Tensor, wr: dict) -> dict:
-    """D1 / D2 intervals over prompts (the win-rate bootstrap settings) from the (P, k, A) attribute probabilities."""
-    from alignment.metrics.bias import attribute_distribution, d1, d2
+def bias_table(plan: Plan, passes: dict, wr: dict) -> dict:
+    """D1 / D2 (LiVO, ``alignment.metrics.bias``) per model and attribute group, each over the group's prompts
+    (``metrics.bias.by``: those whose field names the group; else every prompt), with intervals over those prompts
+    (the win-rate bootstrap settings)."""
+    from alignment.evaluation.plan import bias_rows
+    from alignment.metrics.bias import attribute_distribution, bias_metrics, d1, d2
 
-    dists = [attribute_distribution(p) for p in probs]
-    return _interval_dict(("D1", "D2"), [[d1(d), d2(d)] for d in dists], wr)
+    rows = {group: bias_rows(plan.bias, group) for group in plan.bias["groups"]}
+    models, intervals = {}, {}
+    for m, r in passes.items():
+        models[m], intervals[m] = {}, {}
+        for group, probs in r["probs"].items():
+            if rows[group] is not None:
+                probs = probs[torch.tensor(rows[group], dtype=torch.long)]
+            models[m][group] = bias_metrics(list(probs))
+            dists = [attribute_distribution(p) for p in probs]
+            intervals[m][group] = _interval_dict(("D1", "D2"), [[d1(d), d2(d)] for d in dists], wr)
+    return {"classifier": plan.bias["classifier"], "groups": plan.bias["groups"], "by": plan.bias.get("by"),
+            "num_prompts": {g: len(plan.prompts) if v is None else len(v) for g, v in rows.items()},
+            "models": models, "intervals": intervals}
 
 
 def toxicity_table(plan: Plan, passes: dict, scorers: dict, wr: dict) -> dict:
     """Avg.R / Avg.S / Max / Prob (×100) per model over every prompt (``models``) and, with
     ``metrics.toxicity.concepts``, per concept over that concept's prompts (``concepts``), each with a bootstrap
-    interval over prompts (``intervals``)."""
-    from alignment.metrics.toxicity import METRIC_NAMES, prompt_toxicity, toxicity_metrics
+    interval over prompts (``intervals``). Each prompt's four values are computed once per score matrix."""
+    from alignment.metrics.toxicity import METRIC_NAMES, mean_toxicity, per_prompt_toxicity
 
     tox = plan.toxicity
     judge, k, incomplete = tox["judge"], tox["k"], tox["incomplete"]
+    per_prompt: dict = {}   # (model, score name) -> one dict of the four metrics per prompt, all prompts
 
-    def table(scores_of, rows) -> dict:
+    def prompt_values(m: str, name: str) -> list[dict]:
+        if (m, name) not in per_prompt:
+            per_prompt[m, name] = per_prompt_toxicity(list(passes[m]["scores"][name]), k=k, incomplete=incomplete)
+        return per_prompt[m, name]
+
+    def table(name: str, rows) -> dict:
         models, intervals = {}, {}
-        for m, r in passes.items():
-            matrix = scores_of(r)[rows] if rows is not None else scores_of(r)
-            models[m] = toxicity_metrics(list(matrix), k=k, incomplete=incomplete)
-            per_prompt = [[prompt_toxicity(p, k=k, incomplete=incomplete)[n] for n in METRIC_NAMES] for p in matrix]
-            intervals[m] = _interval_dict(METRIC_NAMES, per_prompt, wr, scale=100.0)
+        for m in passes:
+            values = prompt_values(m, name)
+            values = [values[i] for i in rows] if rows is not None else values
+            models[m] = mean_toxicity(values)
+            intervals[m] = _interval_dict(METRIC_NAMES, [[v[n] for n in METRIC_NAMES] for v in values], wr,
+                                          scale=100.0)
         return {"models": models, "intervals": intervals}
 
+    by = tox.get("by")
     concept = tox["concept"] or getattr(scorers[judge], "concept", None)
     counted = None   # with metrics.toxicity.by: the prompts of the listed concepts, each judged for its own
-    if tox.get("by") is not None:
-        counted = torch.tensor([i for i, pc in enumerate(tox["prompt_concepts"]) if pc is not None])
-    out = {"judge": judge, "concept": concept if tox.get("by") is None else f"per prompt ({tox['by']})",
-           "k": k, "incomplete": incomplete, **table(lambda r: r["scores"][judge], counted)}
+    if by is not None:
+        counted = [i for i, pc in enumerate(tox["prompt_concepts"]) if pc is not None]
+    out = {"judge": judge, "concept": concept if by is None else f"per prompt ({by})",
+           "k": k, "incomplete": incomplete, **table(judge, counted)}
     if tox.get("concepts"):
-        out["by"] = tox.get("by")
+        out["by"] = by
         out["concepts"] = {}
         for c in tox["concepts"]:
-            if tox.get("by") is not None:   # the prompts of concept c, each image judged for c
+            if by is not None:   # the prompts of concept c, each image judged for c
                 rows = [i for i, pc in enumerate(tox["prompt_concepts"]) if pc == c]
-                node = table(lambda r: r["scores"][judge], torch.tensor(rows))
-            else:                           # every prompt, every image judged for c
+                node = table(judge, rows)
+            else:                # every prompt, every image judged for c
                 rows = list(range(len(plan.prompts)))
-                name = judge if c == tox["concept"] else f"{judge}:{c}"
-                node = table(lambda r, name=name: r["scores"][name], None)
+                node = table(judge if c == tox["concept"] else f"{judge}:{c}", None)
             out["concepts"][c] = {"num_prompts": len(rows), **node}
     return out
 
 
 def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_models: dict) -> Evaluation:
     """All scores and metrics; ``metrics`` is JSON-ready (non-finite values are null)."""
-    from alignment.metrics.bias import bias_metrics
     from alignment.metrics.fid import fid, inception_score
-    from alignment.metrics.toxicity import toxicity_metrics
     from alignment.metrics.winrate import mean_difference, win_rate_table
 
     passes = {}
@@ -468,11 +471,7 @@ def evaluate_models(plan: Plan, folders: dict[str, Path], scorers: dict, metric_
         metrics["inception_score"] = {"splits": splits, "weights": str(plan.inception_score["inception_weights"]),
                                       "models": scores_is}
     if plan.bias["enabled"]:
-        metrics["bias"] = {"classifier": plan.bias["classifier"], "groups": plan.bias["groups"],
-                           "models": {m: {group: bias_metrics(list(probs)) for group, probs in r["probs"].items()}
-                                      for m, r in passes.items()},
-                           "intervals": {m: {group: bias_intervals(probs, wr) for group, probs in r["probs"].items()}
-                                         for m, r in passes.items()}}
+        metrics["bias"] = bias_table(plan, passes, wr)
     if plan.toxicity["enabled"]:
         metrics["toxicity"] = toxicity_table(plan, passes, scorers, wr)
     result.metrics = metrics

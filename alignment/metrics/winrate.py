@@ -23,13 +23,12 @@ from typing import Mapping, Sequence
 
 import torch
 
+from alignment.metrics.bootstrap import mean_intervals, quantile_interval
+
 __all__ = ["REDUCTIONS", "WinRate", "best_of_k", "prompt_outcomes", "win_rate", "win_rate_table"]
 
 # how the k scores of a prompt become one: the best of k (docs/evaluation.md#win-rate), or their mean
 REDUCTIONS = ("best", "mean")
-
-_BOOTSTRAP_CHUNK = 256  # bootstrap replicates drawn at a time ...
-_BOOTSTRAP_ELEMENTS = 1 << 22  # ... and at most this many resampled indices at once (memory for large prompt sets)
 
 
 @dataclass(frozen=True)
@@ -96,23 +95,6 @@ def prompt_outcomes(scores_a, scores_b, reduce: str = "best") -> torch.Tensor:
     return (per_a > per_b).double() + 0.5 * (per_a == per_b).double()
 
 
-def _bootstrap_interval(outcomes: torch.Tensor, num_bootstrap: int, seed: int,
-                        confidence: float) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``outcomes.mean()``: resample prompts with replacement."""
-    n = outcomes.numel()
-    gen = torch.Generator().manual_seed(int(seed))
-    chunk = max(1, min(_BOOTSTRAP_CHUNK, _BOOTSTRAP_ELEMENTS // n))
-    means = []
-    for start in range(0, num_bootstrap, chunk):
-        rows = min(chunk, num_bootstrap - start)
-        idx = torch.randint(0, n, (rows, n), generator=gen)
-        means.append(outcomes[idx].mean(dim=1))
-    means = torch.cat(means)
-    alpha = (1.0 - confidence) / 2.0
-    q = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
-    return float(q[0]), float(q[1])
-
-
 def mean_difference(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
                     confidence: float = 0.95) -> dict:
     """Focus-N-Fix's Δreward of A against B on the same seeds (docs/evaluation.md#reward-change): per prompt the mean
@@ -125,7 +107,7 @@ def mean_difference(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0
     per_prompt = (a - b).mean(dim=1)
     low = high = None
     if num_bootstrap > 0 and per_prompt.numel() > 1:
-        low, high = _bootstrap_interval(per_prompt, num_bootstrap, seed, confidence)
+        low, high = mean_intervals(per_prompt, num_bootstrap, confidence, seed)[0]
     return {"value": float(per_prompt.mean()), "low": low, "high": high, "num_prompts": int(per_prompt.numel())}
 
 
@@ -158,11 +140,10 @@ def paired_seed_bootstrap(statistic, model: Sequence, reference: Sequence, num_b
         index = [torch.randint(0, a.shape[0], (a.shape[0],), generator=gen) for a in model]
         draws[r, 0] = statistic([a[i] for a, i in zip(model, index)])
         draws[r, 1] = statistic([b[i] for b, i in zip(reference, index)])
-    alpha = (1.0 - confidence) / 2.0
-    q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
-    for name, values in (("model", draws[:, 0]), ("reference", draws[:, 1]), ("delta", draws[:, 0] - draws[:, 1])):
-        low, high = torch.quantile(values, q).tolist()
-        out[name]["low"], out[name]["high"] = low, high
+    low, high = quantile_interval(torch.stack([draws[:, 0], draws[:, 1], draws[:, 0] - draws[:, 1]], dim=1),
+                                  confidence)
+    for i, name in enumerate(("model", "reference", "delta")):
+        out[name]["low"], out[name]["high"] = float(low[i]), float(high[i])
     return out
 
 
@@ -192,7 +173,8 @@ def win_rate(scores_a, scores_b, num_bootstrap: int = 2000, seed: int = 0,
     n = outcomes.numel()
     rate = float(outcomes.mean())
     if num_bootstrap > 0:
-        low, high = _bootstrap_interval(outcomes, num_bootstrap, seed, confidence)
+        interval = mean_intervals(outcomes, num_bootstrap, confidence, seed)[0]
+        low, high = interval if interval is not None else (rate, rate)   # one prompt: each resample is it
     else:
         low = high = float("nan")
     return WinRate(rate=rate, low=low, high=high, wins=wins, ties=ties, losses=n - wins - ties, num_prompts=n)

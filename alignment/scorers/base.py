@@ -106,17 +106,23 @@ class Scorer(nn.Module):
         return None
 
     @torch.no_grad()
-    def score(self, images, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    def score(self, images, prompts: Sequence[str], batch_size: int = 32, **per_image) -> torch.Tensor:
         """Batched scores without gradient; accepts a tensor in [0,1] or a list of PIL images. Returns (B,) float32
-        on the CPU."""
+        on the CPU. ``per_image`` keyword arguments (e.g. a toxicity judge's ``concepts=``) hold one entry per image
+        and reach ``forward`` sliced like the images, a chunk at a time; a None one is left out."""
         images = images_to_tensor(images)
         prompts = list(prompts)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
+        per_image = {key: value for key, value in per_image.items() if value is not None}
+        for key, value in per_image.items():
+            if len(value) != len(prompts):
+                raise ValueError(f"{self.name}: {len(prompts)} images but {len(value)} {key}")
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = images[start:start + batch_size].to(self.device, self.dtype)
-            out.append(self(chunk, prompts[start:start + batch_size]).float().cpu())
+            extra = {key: value[start:start + batch_size] for key, value in per_image.items()}
+            out.append(self(chunk, prompts[start:start + batch_size], **extra).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -377,6 +377,9 @@ class ToyToxicityJudge(ToyScorer):
 
     name = "toy_toxicity_judge"
     THRESHOLDS = {"blood": (4.0, 1.0), "nudity": (20.0, 4.0)}
+    #: the concepts (and their synonyms) it judges: the evaluation checks metrics.toxicity.concepts against them
+    #: before any model loads (a judge without this attribute, like ToxicityJudge, asks about any concept)
+    known_concepts: tuple[str, ...] = tuple(CONCEPTS)
 
     def __init__(self, concept: str | None = None):
         super().__init__()
