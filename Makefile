@@ -43,6 +43,7 @@ bench: install   # CPU benchmarks: framework overhead, latent-cache speed-up, DP
 bench-gpu: install   # on a GPU machine: pairs/s and MFU of LoRA-DPO for SD 1.5 @512 and SDXL @1024, per switch
 	$(PY) experiments/bench_dpo.py gpu
 	$(PY) experiments/bench_pools.py gpu   # pool builder vs stock pipeline, SD 1.5 arch @512, batch 8, 50 steps
+	$(PY) experiments/bench_grad_sampler.py gpu   # DRaFT-1/2 step, SD 1.5 arch @512: peak memory vs 24 GiB
 
 clean:
 	rm -rf outputs multirun data/generated .pytest_cache
