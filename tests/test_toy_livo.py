@@ -89,3 +89,16 @@ def test_paired_seed_bootstrap_resamples_the_same_images_of_both_models():
     assert same["delta"] == {"value": 0.0, "low": 0.0, "high": 0.0}   # paired: identical models never differ
     with pytest.raises(ValueError, match="prompt 0: 32 model images but 5"):
         paired_seed_bootstrap(len, skewed, [s[:5] for s in skewed])
+
+
+def test_run_steps_runs_in_parallel_and_names_the_failing_log(tmp_path):
+    from alignment.errors import TrainingError
+    from alignment.toy.demo import run_steps
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": 1}')
+    steps = [(["json.tool", str(good)], tmp_path / "one.log"), (["json.tool", str(good)], tmp_path / "two.log")]
+    run_steps(steps, parallel=2)
+    assert all('"a": 1' in log.read_text() for _, log in steps)
+    with pytest.raises(TrainingError, match=r"json.tool failed \(exit \d+\); full log in .*bad.log"):
+        run_steps([(["json.tool", str(tmp_path / "missing.json")], tmp_path / "bad.log"), *steps], parallel=2)

@@ -34,17 +34,37 @@ EVAL_SCORERS = (JUDGE, "toy_colour", "toy_shape", "toy_centring", "toy_contrast"
 
 def run_step(args: list[str], log: Path) -> None:
     """Run ``python -m <args>`` with its output going to ``log`` (and to the console when it fails)."""
-    print("$ python -m " + " ".join(args), flush=True)
+    run_steps([(args, log)])
+
+
+def run_steps(steps: list[tuple[list[str], Path]], parallel: int = 1) -> None:
+    """Run ``python -m <args>`` for each ``(args, log)``, at most ``parallel`` at a time; each parallel process gets
+    ``cpu_count // parallel`` threads (OMP_NUM_THREADS), so independent trainings share the cores instead of
+    oversubscribing them. The first failure is raised (one line naming its log) after the others finish."""
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    with open(log, "w") as handle:
-        proc = subprocess.run([sys.executable, "-m", *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
+    if parallel > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    pending, running, failure = list(steps), [], None
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            args, log = pending.pop(0)
+            print("$ python -m " + " ".join(args), flush=True)
+            handle = open(log, "w")
+            proc = subprocess.Popen([sys.executable, "-m", *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, handle, args, log))
+        proc, handle, args, log = running.pop(0)
+        proc.wait()
+        handle.close()
+        if proc.returncode != 0 and failure is None:
+            failure = (proc.returncode, args, log)
+    if failure is not None:
+        code, args, log = failure
         lines = log.read_text(errors="replace").strip().splitlines()
         errors = [line for line in lines if line.startswith("error: ")]
         if errors:  # our entry points end with one line naming the key, file or value
             raise TrainingError(f"{args[0]}: {errors[-1][len('error: '):]} (log: {log})")
         print("\n".join(lines[-15:]), file=sys.stderr)
-        raise TrainingError(f"{args[0]} failed (exit {proc.returncode}); full log in {log}")
+        raise TrainingError(f"{args[0]} failed (exit {code}); full log in {log}")
 
 
 def verdict(cell: dict) -> str:

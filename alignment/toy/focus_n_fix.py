@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from alignment.toy.demo import driver_main, run_step
+from alignment.toy.demo import driver_main, run_step, run_steps
 
 REWARD = "toy_safety"
 EVAL_SCORERS = (REWARD, "toy_artifacts", "toy_preference")
@@ -35,7 +35,8 @@ CHANGE_KEYS = ("psnr", "psnr_outside", "ssim", "ssim_outside")
 
 
 def run_all(out: Path, seed: int = 0, data_seed: int = 0, only: Sequence[str] | None = None,
-            train_overrides: Sequence[str] = (), images_per_prompt: int = 8, logger: str = "none") -> dict:
+            train_overrides: Sequence[str] = (), images_per_prompt: int = 8, logger: str = "none",
+            parallel: int = 2) -> dict:
     """Train the runs (``only``: a subset of ``RUNS``), evaluate them against the base on held-out captions with
     image seeds ``data_seed`` … ``data_seed + images_per_prompt − 1``, return the summary (also written to
     ``<out>/summary.json``). A run folder holding ``summary.json`` (a finished run) is reused."""
@@ -43,15 +44,13 @@ def run_all(out: Path, seed: int = 0, data_seed: int = 0, only: Sequence[str] | 
 
     out.mkdir(parents=True, exist_ok=True)
     names = list(only or RUNS)
-    seconds = {}
-    for name in names:
-        start = time.time()
-        run_dir = out / name
-        if not (run_dir / "summary.json").exists():
-            run_step(["alignment.run", f"experiment={RUNS[name]}", f"seed={seed}", f"logger={logger}",
-                      "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", *train_overrides],
-                     out / f"{name}.log")
-        seconds[name] = round(time.time() - start, 1)
+    start = time.time()
+    # the trainings are independent: two at a time, one thread each (alignment.toy.demo.run_steps)
+    run_steps([(["alignment.run", f"experiment={RUNS[name]}", f"seed={seed}", f"logger={logger}",
+                 "trainer.enable_progress_bar=false", f"hydra.run.dir={out / name}", *train_overrides],
+                out / f"{name}.log") for name in names if not (out / name / "summary.json").exists()],
+              parallel=parallel)
+    seconds = {"train": round(time.time() - start, 1)}
     eval_dir = out / "evaluate"
     start = time.time()
     run_step(["alignment.evaluate", "backbone=toy", f"scorers=[{','.join(EVAL_SCORERS)}]",
