@@ -189,26 +189,25 @@ def heldout_prompt_sets() -> dict[str, list[dict]]:
 
 
 def run_all(out: Path, seed: int = 0, data_seed: int = 0, only: Sequence[str] | None = None,
-            train_overrides: Sequence[str] = (), images_per_prompt: int = 32, logger: str = "none") -> dict:
+            train_overrides: Sequence[str] = (), images_per_prompt: int = 32, logger: str = "none",
+            parallel: int = 2) -> dict:
     """Train the runs (``only``: a subset of ``RUNS``; data seed = ``dataset.generate.seed``), evaluate them with the
     base on the held-out prompt sets (retriever=toy_lexicon, DDIM 10, CFG 3, ``images_per_prompt`` seeds), return
     the summary (also ``<out>/summary.json``)."""
     import json
     import time
 
-    from alignment.toy.demo import run_step
+    from alignment.toy.demo import run_step, run_steps
 
     out.mkdir(parents=True, exist_ok=True)
     names = list(only or RUNS)
-    seconds = {}
-    for name in names:
-        start = time.time()
-        run_dir = out / name
-        if not (run_dir / "summary.json").exists():
-            run_step(["alignment.run", "experiment=toy_livo", f"seed={seed}", f"dataset.generate.seed={data_seed}",
-                      f"dataset.source={out / 'data'}", f"logger={logger}", "trainer.enable_progress_bar=false",
-                      f"hydra.run.dir={run_dir}", *RUNS[name], *train_overrides], out / f"{name}.log")
-        seconds[name] = round(time.time() - start, 1)
+    start = time.time()
+    # the trainings are independent: two at a time, one thread each (the value data is built once, under a lock)
+    run_steps([(["alignment.run", "experiment=toy_livo", f"seed={seed}", f"dataset.generate.seed={data_seed}",
+                 f"dataset.source={out / 'data'}", f"logger={logger}", "trainer.enable_progress_bar=false",
+                 f"hydra.run.dir={out / name}", *RUNS[name], *train_overrides], out / f"{name}.log")
+               for name in names if not (out / name / "summary.json").exists()], parallel=parallel)
+    seconds = {"train": round(time.time() - start, 1)}
     sets = heldout_prompt_sets()
     rows = [{**row, "set": name} for name, group in sets.items() for row in group]
     prompts = out / "heldout_prompts.jsonl"
@@ -218,8 +217,9 @@ def run_all(out: Path, seed: int = 0, data_seed: int = 0, only: Sequence[str] | 
     run_step(["alignment.evaluate", "backbone=toy", f"scorers=[{','.join(EVAL_SCORERS)}]", f"prompts={prompts}",
               *[f"+models.{n}.run={out / n}" for n in names], "retriever=toy_lexicon",
               f"images_per_prompt={images_per_prompt}", "num_inference_steps=10", "guidance_scale=3.0",
-              "metrics.bias.enabled=true", "metrics.bias.classifier=toy_attributes", "metrics.bias.groups=[gender,tone]",
-              "metrics.toxicity.enabled=true", "metrics.toxicity.judge=toy_toxicity_judge", "metrics.toxicity.k=4",
+              "metrics.bias.enabled=true", "metrics.bias.classifier=toy_attributes",
+              "metrics.bias.groups=[gender,race]",  # the toy classifier reads the five race attributes as tones
+              # Avg.R below is the judge's score (P of blood or nudity, whichever is larger) over the toxic set
               "metrics.change.enabled=false", "metrics.winrate.num_bootstrap=0", "report.max_prompts=40",
               f"logger={logger}", f"hydra.run.dir={eval_dir}"], out / "evaluate.log")
     seconds["evaluate"] = round(time.time() - start, 1)
@@ -254,7 +254,7 @@ def summarise(eval_dir: Path, rows: list[dict], names: Sequence[str], num_bootst
     stats = {
         "D1_gender": ("gender", lambda m: [probs[m]["gender"][i] for i in index["gender"]],
                       lambda per: bias_metrics(per)["D1"]),
-        "D1_tone": ("tone", lambda m: [probs[m]["tone"][i] for i in index["tone"]],
+        "D1_tone": ("tone", lambda m: [probs[m]["race"][i] for i in index["tone"]],
                     lambda per: bias_metrics(per)["D1"]),
         "Avg.R": ("toxic", lambda m: [judge[m][i] for i in index["toxic"]],
                   lambda per: toxicity_metrics(per, k=len(per[0]))["Avg.R"]),
@@ -268,15 +268,22 @@ def summarise(eval_dir: Path, rows: list[dict], names: Sequence[str], num_bootst
         return images[model][subset]
 
     out = {"sets": {k: [rows[i]["prompt"] for i in v] for k, v in index.items()}, "models": {}}
+    forced_psnr = {}
     for m in names:
         cell = {key: paired_seed_bootstrap(stat, get(m), get("base"), num_bootstrap)
                 for key, (_, get, stat) in stats.items()}
         cell["free_identical"] = bool(torch.equal(load(m, "free"), load("base", "free")))
         cell["free_max_abs_diff"] = float((load(m, "free") - load("base", "free")).abs().max())
-        cell["forced_psnr"] = float(psnr(load("base", "forced"), load(m, "forced")).clamp(max=100).mean())
+        forced_psnr[m] = psnr(load("base", "forced"), load(m, "forced")).clamp(max=100).double()  # per image
+        cell["forced_psnr"] = float(forced_psnr[m].mean())
         cell["preference_delta_forced"] = float(torch.tensor(scores["scores"][m]["toy_preference"])[
             index["forced"]].mean() - torch.tensor(scores["scores"]["base"]["toy_preference"])[index["forced"]].mean())
         out["models"][m] = cell
+    if "livo" in forced_psnr and "no_margin" in forced_psnr:  # the quality probe: per prompt its images' PSNR
+        k = len(seeds)
+        per_prompt = {m: list(v.view(-1, k)) for m, v in forced_psnr.items()}
+        out["forced_psnr_no_margin_vs_livo"] = paired_seed_bootstrap(
+            lambda per: float(torch.stack(per).mean()), per_prompt["no_margin"], per_prompt["livo"], num_bootstrap)
     return out
 
 
@@ -293,6 +300,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{m:<10} value-free images identical to the base: {c['free_identical']} (max |diff| "
                      f"{c['free_max_abs_diff']:.4f}); forced-value object prompts: PSNR to base {c['forced_psnr']:.2f} "
                      f"dB, Δ toy_preference {c['preference_delta_forced']:+.3f}")
+    if "forced_psnr_no_margin_vs_livo" in summary:
+        c = summary["forced_psnr_no_margin_vs_livo"]
+        lines.append(f"forced-value PSNR to base: no_margin {cell(c['model'])} dB, livo {cell(c['reference'])} dB, "
+                     f"difference {cell(c['delta'])} dB")
     return "\n".join(lines)
 
 
@@ -301,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     return driver_main(argv, "LiVO on the toy world: value encoder vs the base on held-out bias and toxicity prompts",
                        RUNS, run_all, format_summary, data_help="seed of the rendered value data",
-                       override_example="method.lr=3e-4")
+                       override_example="method.optimizer.lr=3e-4", images_per_prompt=32)
 
 
 if __name__ == "__main__":
