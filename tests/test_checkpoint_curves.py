@@ -54,6 +54,7 @@ def curves(checkpointed_run, tmp_path_factory) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ training side
+@pytest.mark.slow   # shares the module's trained run and evaluation (~40 s of setup)
 def test_training_exports_loadable_weights_per_step(checkpointed_run):
     from alignment.runs import resolve_run
     from alignment.training.checkpointing import saved_weight_steps
@@ -88,6 +89,7 @@ def test_checkpoint_schema_rejects_bad_values():
 
 
 # ------------------------------------------------------------------------------------------------ the curves
+@pytest.mark.slow   # shares the module's trained run and evaluation (~40 s of setup)
 def test_one_row_per_step_plots_and_report(curves, checkpointed_run):
     out = curves["out"]
     with open(out / "curves.csv", newline="") as handle:
@@ -126,6 +128,7 @@ def test_one_row_per_step_plots_and_report(curves, checkpointed_run):
     assert "<polygon" in band and band.count("<circle") == len(STEPS) and "stroke-dasharray" in band
 
 
+@pytest.mark.slow   # shares the module's trained run and evaluation (~40 s of setup)
 def test_rerun_reuses_every_image(curves, checkpointed_run, monkeypatch):
     from alignment.evaluate_checkpoints import evaluate_checkpoints
 
@@ -137,6 +140,7 @@ def test_rerun_reuses_every_image(curves, checkpointed_run, monkeypatch):
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 3]
 
 
+@pytest.mark.slow   # shares the module's trained run and evaluation (~40 s of setup)
 def test_several_runs_against_a_config_key(checkpointed_run, curves, tmp_path):
     """Fig. 3a: one point per run at its config value (here a copy of the run with another dataset.fraction)."""
     from alignment.evaluate_checkpoints import evaluate_checkpoints
@@ -164,6 +168,7 @@ def test_several_runs_against_a_config_key(checkpointed_run, curves, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.slow   # shares the module's trained run and evaluation (~40 s of setup)
 def test_bad_input_is_one_line_naming_the_value(checkpointed_run, tmp_path, monkeypatch):
     from alignment.errors import ConfigError
     from alignment.evaluate_checkpoints import evaluate_checkpoints

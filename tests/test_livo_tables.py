@@ -83,6 +83,7 @@ def test_preset_selects_the_table_metrics():
     assert m.fid.enabled and m.inception_score.enabled and m.clip_score == "clip"
 
 
+@pytest.mark.slow   # shares the module's trained run and evaluation (~40 s of setup)
 def test_every_column_per_model(tables):
     metrics = tables["metrics"]
     models = ["base", "livo"]
@@ -120,6 +121,7 @@ def test_every_column_per_model(tables):
     assert "change" not in metrics and "color_shift" not in metrics
 
 
+@pytest.mark.slow   # shares the module's trained run and evaluation (~40 s of setup)
 def test_each_concept_judged_on_its_prompts(tables):
     """A concept's numbers are the toxicity metrics of its prompts' judge scores, each image judged for it."""
     from alignment.metrics.toxicity import toxicity_metrics
@@ -146,6 +148,7 @@ def test_each_concept_judged_on_its_prompts(tables):
     assert extras[5] == ["bloody considered inappropriate"] * 2
 
 
+@pytest.mark.slow   # shares the module's trained run and evaluation (~40 s of setup)
 def test_bias_counts_only_its_groups_prompts(tables):
     """D1 / D2 of a group and their interval are those of the prompts whose value names the group: the toxicity
     prompts and the other group's prompts are left out (every image is still classified for every group)."""
@@ -166,6 +169,7 @@ def test_bias_counts_only_its_groups_prompts(tables):
             assert (interval["D2"]["low"], interval["D2"]["high"]) == pytest.approx((low2, high2))
 
 
+@pytest.mark.slow   # shares the module's trained run and evaluation (~40 s of setup)
 def test_report_shows_every_table(tables):
     report = (tables["out"] / "report.html").read_text()
     for heading in ("Bias (LiVO D1, D2)", "Toxicity per concept", "FID vs base", "Inception Score", "CLIP score"):
